@@ -1,0 +1,323 @@
+"""Pure functions behind the metrics: the causal shift, the counting rules and their checks.
+
+Each rule has one implementation here. The ``_*_update`` functions return the integer sufficient
+statistics of one batch (a numerator and a denominator) and never sync with the host; the
+``Metric`` classes in :mod:`mllm_metrics.metrics` add them to their states, and
+:func:`_ratio` turns the sums into the final value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "bit_match_accuracy",
+    "causal_shift",
+    "exact_match_accuracy",
+    "text_bit_match_accuracy",
+    "text_exact_match",
+]
+
+_PROCESSED_LABELS_HINT = (
+    "Logits longer than the labels usually mean the model rewrote its labels inside `forward` "
+    "(a LLaVA-style `prepare_inputs_labels_for_multimodal` expands each image placeholder into "
+    "many feature positions and may pad or truncate rows): compare the logits with the "
+    "*processed* labels, which `mllm_metrics.labels` recovers from the model's forward."
+)
+
+
+def _check_token_inputs(
+    preds: Tensor, target: Tensor, ignore_index: int, validate_args: bool = True
+) -> None:
+    """Raise a clear error for token inputs the metrics cannot count correctly.
+
+    The shape, rank, dtype and device checks are free. ``validate_args`` adds the value checks
+    (a host-device sync): negative labels other than ``ignore_index``, and labels outside the
+    vocabulary when logits are given.
+    """
+    if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(
+            "Expected `preds` and `target` to be torch.Tensor, got "
+            f"{type(preds).__name__} and {type(target).__name__}."
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"Expected `target` to hold integer token ids (e.g. int64 labels), got dtype "
+            f"{target.dtype}. Likely cause: logits or probabilities passed as `target`; the "
+            "labels go second: `update(preds, target)`."
+        )
+    if target.ndim != 2:
+        raise ValueError(
+            f"Expected `target` of shape (batch, seq_len), got shape {tuple(target.shape)}."
+        )
+    if preds.ndim == 2:
+        if preds.is_floating_point() or preds.is_complex():
+            raise TypeError(
+                f"Got 2-D floating-point `preds` of shape {tuple(preds.shape)}: expected integer "
+                "token ids of shape (batch, seq_len) or floating-point logits of shape "
+                "(batch, seq_len, vocab_size). Likely cause: per-token scores or losses were "
+                "passed instead of predictions; take `logits.argmax(-1)` or pass the logits."
+            )
+    elif preds.ndim == 3:
+        if not preds.is_floating_point():
+            raise TypeError(
+                f"Got 3-D `preds` of dtype {preds.dtype}: a 3-D input must be floating-point "
+                "logits of shape (batch, seq_len, vocab_size); token ids are 2-D."
+            )
+    else:
+        raise ValueError(
+            f"Expected `preds` as token ids (batch, seq_len) or logits (batch, seq_len, "
+            f"vocab_size), got a {preds.ndim}-D tensor of shape {tuple(preds.shape)}."
+        )
+    if preds.shape[:2] != target.shape:
+        hint = f" {_PROCESSED_LABELS_HINT}" if preds.shape[1] > target.shape[1] else ""
+        raise ValueError(
+            f"`preds` of shape {tuple(preds.shape)} do not line up with `target` of shape "
+            f"{tuple(target.shape)}: their (batch, seq_len) must be equal.{hint}"
+        )
+    if preds.device != target.device:
+        raise ValueError(
+            f"`preds` are on {preds.device} but `target` is on {target.device}; move both to "
+            "the same device."
+        )
+    if validate_args:
+        _check_label_values(target, ignore_index, preds.shape[2] if preds.ndim == 3 else None)
+
+
+def _check_label_values(target: Tensor, ignore_index: int, vocab_size: int | None) -> None:
+    invalid = (target < 0) & (target != ignore_index)
+    if vocab_size is not None:
+        invalid |= target >= vocab_size
+    if bool(invalid.any()):
+        value = int(target[invalid][0])
+        if value < 0:
+            raise ValueError(
+                f"`target` holds the negative label {value}, which is not `ignore_index` "
+                f"({ignore_index}). Likely cause: an image/video placeholder id (LLaVA uses "
+                "-200) left in the labels, i.e. the dataset's labels were used where the "
+                "model's processed labels were needed; or `ignore_index` does not match the "
+                "value used to mask the labels."
+            )
+        raise ValueError(
+            f"`target` holds the label {value}, outside the logits' vocabulary of size "
+            f"{vocab_size}. Likely cause: labels from a different tokenizer than the model's."
+        )
+
+
+def _argmax_ids(preds: Tensor) -> Tensor:
+    """Token ids from ids (returned as they are) or logits (argmax over the last dim)."""
+    return preds.argmax(dim=-1) if preds.ndim == 3 else preds
+
+
+def causal_shift(preds_or_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Align a causal LM's outputs with its labels: position ``t`` predicts the label at ``t+1``.
+
+    This is the shift Hugging Face's ``ForCausalLMLoss`` applies. Logits are sliced before the
+    argmax, so only the (B, L-1) ids are allocated, in the logits' own dtype and device.
+
+    Args:
+        preds_or_logits: token ids of shape (B, L) or logits of shape (B, L, V).
+        labels: labels of shape (B, L), aligned with the logits (the *processed* labels for a
+            model that rewrites them in ``forward``).
+
+    Returns:
+        ``(preds, target)``: int token ids of shape (B, L-1) and ``labels[:, 1:]``.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics.functional import causal_shift
+        >>> logits = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]])
+        >>> labels = torch.tensor([[-100, 1, 0]])
+        >>> causal_shift(logits, labels)
+        (tensor([[1, 0]]), tensor([[1, 0]]))
+
+    """
+    _check_token_inputs(preds_or_logits, labels, ignore_index=-100, validate_args=False)
+    return _argmax_ids(preds_or_logits[:, :-1]), labels[:, 1:]
+
+
+def _bit_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Count supervised positions that match, and supervised positions (int64, no sync)."""
+    supervised = target != ignore_index
+    correct = (preds == target).logical_and_(supervised).sum()
+    return correct, supervised.sum()
+
+
+def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Count rows whose supervised positions all match, and rows with a supervised position."""
+    supervised = target != ignore_index
+    any_wrong = (preds != target).logical_and_(supervised).any(dim=1)
+    counted = supervised.any(dim=1)
+    return counted.logical_and(any_wrong.logical_not_()).sum(), counted.sum()
+
+
+def _ratio(numerator: Tensor, denominator: Tensor, zero_division: float) -> Tensor:
+    """``numerator / denominator`` as float32, ``zero_division`` where the denominator is 0.
+
+    The division runs in float64 so that counts beyond 2**24 are not rounded before it.
+    """
+    value = numerator.double() / denominator.clamp(min=1).double()
+    fallback = torch.full_like(value, zero_division)
+    return torch.where(denominator > 0, value, fallback).float()
+
+
+def bit_match_accuracy(
+    preds: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    zero_division: float = 0.0,
+    validate_args: bool = True,
+) -> Tensor:
+    """Token accuracy: matching supervised positions over supervised positions.
+
+    A position is supervised when ``target != ignore_index``.
+
+    Args:
+        preds: token ids (B, L) or logits (B, L, V), already causally shifted.
+        target: labels (B, L).
+        ignore_index: label value of unsupervised positions.
+        zero_division: value returned when there is no supervised position.
+        validate_args: check label values (costs a host-device sync).
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics.functional import bit_match_accuracy
+        >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> target = torch.tensor([[1, 2, 0], [-100, 5, -100]])
+        >>> bit_match_accuracy(preds, target)
+        tensor(0.7500)
+
+    """
+    _check_token_inputs(preds, target, ignore_index, validate_args)
+    return _ratio(*_bit_match_update(_argmax_ids(preds), target, ignore_index), zero_division)
+
+
+def exact_match_accuracy(
+    preds: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    zero_division: float = 0.0,
+    validate_args: bool = True,
+) -> Tensor:
+    """Sequence accuracy: rows whose every supervised position matches, over counted rows.
+
+    Rows without any supervised position are not counted at all (unlike
+    ``torchmetrics.classification.MulticlassExactMatch``, which counts them as matches).
+
+    Args:
+        preds: token ids (B, L) or logits (B, L, V), already causally shifted.
+        target: labels (B, L).
+        ignore_index: label value of unsupervised positions.
+        zero_division: value returned when no row has a supervised position.
+        validate_args: check label values (costs a host-device sync).
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics.functional import exact_match_accuracy
+        >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+        >>> target = torch.tensor([[1, 2, -100], [4, 0, 6], [-100, -100, -100]])
+        >>> exact_match_accuracy(preds, target)  # row 3 has no supervised position
+        tensor(0.5000)
+
+    """
+    _check_token_inputs(preds, target, ignore_index, validate_args)
+    return _ratio(*_exact_match_update(_argmax_ids(preds), target, ignore_index), zero_division)
+
+
+def _as_text_list(texts: str | Sequence[str], name: str) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence) or not all(isinstance(text, str) for text in texts):
+        raise TypeError(
+            f"Expected `{name}` to be a string or a sequence of strings, got "
+            f"{type(texts).__name__}"
+            + (f" holding {type(texts[0]).__name__}" if isinstance(texts, Sequence) else "")
+            + ". Likely cause: token ids passed to a text metric; decode them first."
+        )
+    return list(texts)
+
+
+def _check_text_inputs(
+    preds: str | Sequence[str], target: str | Sequence[str]
+) -> tuple[list[str], list[str]]:
+    preds_list, target_list = _as_text_list(preds, "preds"), _as_text_list(target, "target")
+    if len(preds_list) != len(target_list):
+        raise ValueError(
+            f"Got {len(preds_list)} predicted strings but {len(target_list)} target strings; "
+            "each prediction needs exactly one target."
+        )
+    return preds_list, target_list
+
+
+def _text_bit_match_update(
+    preds: list[str], target: list[str], alphabet: str | None
+) -> tuple[int, int]:
+    """Count equal characters over the shorter length, and characters over the longer length."""
+    keep = None if alphabet is None else set(alphabet)
+    correct = total = 0
+    for predicted, expected in zip(preds, target):
+        if keep is not None:
+            predicted = "".join(char for char in predicted if char in keep)
+            expected = "".join(char for char in expected if char in keep)
+        correct += sum(p == e for p, e in zip(predicted, expected))
+        total += max(len(predicted), len(expected))
+    return correct, total
+
+
+def _text_exact_match_update(preds: list[str], target: list[str]) -> tuple[int, int]:
+    return sum(p == t for p, t in zip(preds, target)), len(target)
+
+
+def text_bit_match_accuracy(
+    preds: str | Sequence[str],
+    target: str | Sequence[str],
+    alphabet: str | None = None,
+    zero_division: float = 0.0,
+) -> Tensor:
+    """Character accuracy of decoded text, position by position.
+
+    Characters not in ``alphabet`` are dropped first (when given). Then correct = equal
+    characters over the shorter length, total = the longer length, so both missing and extra
+    characters count as errors.
+
+    Args:
+        preds: predicted strings (or one string).
+        target: reference strings, one per prediction.
+        alphabet: characters to keep, e.g. ``"01"`` to score only the bits of an answer.
+        zero_division: value returned when there is no character to compare.
+
+    Example:
+        >>> from mllm_metrics.functional import text_bit_match_accuracy
+        >>> text_bit_match_accuracy(["0110", "01"], ["0111", "011"])
+        tensor(0.7143)
+        >>> text_bit_match_accuracy(["bits: 0 1 1"], ["011"], alphabet="01")
+        tensor(1.)
+
+    """
+    preds_list, target_list = _check_text_inputs(preds, target)
+    correct, total = _text_bit_match_update(preds_list, target_list, alphabet)
+    return _ratio(torch.tensor(correct), torch.tensor(total), zero_division)
+
+
+def text_exact_match(
+    preds: str | Sequence[str], target: str | Sequence[str], zero_division: float = 0.0
+) -> Tensor:
+    """Fraction of predicted strings exactly equal to their reference.
+
+    Args:
+        preds: predicted strings (or one string).
+        target: reference strings, one per prediction.
+        zero_division: value returned for empty inputs.
+
+    Example:
+        >>> from mllm_metrics.functional import text_exact_match
+        >>> text_exact_match(["0110", "01", ""], ["0110", "011", ""])
+        tensor(0.6667)
+
+    """
+    preds_list, target_list = _check_text_inputs(preds, target)
+    correct, total = _text_exact_match_update(preds_list, target_list)
+    return _ratio(torch.tensor(correct), torch.tensor(total), zero_division)

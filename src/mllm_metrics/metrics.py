@@ -1,0 +1,307 @@
+"""Streaming metrics: integer sum states, one all-reduce at ``compute()``, exact under DDP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
+
+from mllm_metrics.functional import (
+    _argmax_ids,
+    _bit_match_update,
+    _check_text_inputs,
+    _check_token_inputs,
+    _exact_match_update,
+    _ratio,
+    _text_bit_match_update,
+    _text_exact_match_update,
+)
+
+__all__ = [
+    "BitMatchAccuracy",
+    "ExactMatchAccuracy",
+    "TextBitMatchAccuracy",
+    "TextExactMatch",
+    "causal_lm_metrics",
+]
+
+
+class _CountRatio(Metric):
+    """A ratio of two int64 counts summed across batches and ranks.
+
+    Subclasses name their two states (unique per metric, so that ``MetricCollection`` compute
+    groups never merge two different metrics) and add one batch's counts with ``_add``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+    _numerator_state: str
+    _denominator_state: str
+
+    def __init__(self, zero_division: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(zero_division, (int, float)) or isinstance(zero_division, bool):
+            raise TypeError(
+                f"Expected `zero_division` to be a float, got {type(zero_division).__name__}."
+            )
+        if not (0.0 <= zero_division <= 1.0 or math.isnan(zero_division)):
+            raise ValueError(f"Expected `zero_division` in [0, 1] or nan, got {zero_division}.")
+        self.zero_division = float(zero_division)
+        for name in (self._numerator_state, self._denominator_state):
+            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
+        # Both counts are computed before either state changes, so a rejected batch changes none.
+        setattr(self, self._numerator_state, getattr(self, self._numerator_state) + numerator)
+        setattr(self, self._denominator_state, getattr(self, self._denominator_state) + denominator)
+
+    def compute(self) -> Tensor:
+        """The ratio of the two summed counts, or ``zero_division`` when the denominator is 0."""
+        numerator = getattr(self, self._numerator_state)
+        return _ratio(numerator, getattr(self, self._denominator_state), self.zero_division)
+
+    def plot(
+        self, val: Tensor | Sequence[Tensor] | None = None, ax: _AX_TYPE | None = None
+    ) -> _PLOT_OUT_TYPE:
+        """Plot one value or a sequence of values of this metric (needs matplotlib).
+
+        Args:
+            val: a result of ``forward``/``compute`` or a list of them; ``compute()`` if None.
+            ax: a matplotlib axis to draw into.
+
+        Returns:
+            The figure and the axis.
+
+        """
+        return self._plot(val, ax)
+
+
+class _TokenCountRatio(_CountRatio):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        zero_division: float = 0.0,
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(zero_division=zero_division, **kwargs)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(
+                f"Expected `ignore_index` to be an int, got {type(ignore_index).__name__}."
+            )
+        self.ignore_index = ignore_index
+        self.validate_args = validate_args
+
+
+class BitMatchAccuracy(_TokenCountRatio):
+    r"""Token accuracy of a language model over the supervised positions, streamed and DDP-exact.
+
+    .. math:: \text{BitMatch} = \frac{\#\{t : y_t \neq \text{ignore}, \hat y_t = y_t\}}
+        {\#\{t : y_t \neq \text{ignore}\}}
+
+    Feed it causally shifted predictions and the labels the logits align with (see
+    :func:`mllm_metrics.functional.causal_shift` and :mod:`mllm_metrics.labels`).
+
+    As input to ``forward`` and ``update`` the metric accepts:
+
+    - ``preds`` (:class:`~torch.Tensor`): int token ids of shape ``(B, L)`` or float logits of
+      shape ``(B, L, V)`` (argmax over the last dim, in the logits' dtype and device).
+    - ``target`` (:class:`~torch.Tensor`): int labels of shape ``(B, L)``.
+
+    As output of ``forward`` and ``compute`` the metric returns a float scalar tensor.
+
+    States: ``bit_match_correct`` and ``bit_match_total``, int64, summed across processes.
+
+    Args:
+        ignore_index: label value of unsupervised positions (prompt, padding, image features).
+        zero_division: value returned when nothing supervised has been seen.
+        validate_args: check label values on every update (a host-device sync); ``False``
+            keeps only the free shape, dtype and device checks.
+        kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ...).
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics import BitMatchAccuracy
+        >>> metric = BitMatchAccuracy()
+        >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> target = torch.tensor([[1, 2, 0], [-100, 5, -100]])
+        >>> metric(preds, target)
+        tensor(0.7500)
+        >>> metric.update(torch.tensor([[7, 8]]), torch.tensor([[7, 0]]))
+        >>> metric.compute()  # (3 + 1) / (4 + 2)
+        tensor(0.6667)
+
+    """
+
+    _numerator_state = "bit_match_correct"
+    _denominator_state = "bit_match_total"
+    bit_match_correct: Tensor
+    bit_match_total: Tensor
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add one batch's matching and supervised positions."""
+        _check_token_inputs(preds, target, self.ignore_index, self.validate_args)
+        self._add(*_bit_match_update(_argmax_ids(preds), target, self.ignore_index))
+
+
+class ExactMatchAccuracy(_TokenCountRatio):
+    r"""Sequence accuracy: the share of samples whose every supervised position is predicted.
+
+    A sample with no supervised position is not counted at all. This differs on purpose from
+    :class:`torchmetrics.classification.MulticlassExactMatch`, which counts such a sample as a
+    match: a row truncated down to its prompt has no answer to get right.
+
+    As input to ``forward`` and ``update`` the metric accepts:
+
+    - ``preds`` (:class:`~torch.Tensor`): int token ids of shape ``(B, L)`` or float logits of
+      shape ``(B, L, V)`` (argmax over the last dim).
+    - ``target`` (:class:`~torch.Tensor`): int labels of shape ``(B, L)``.
+
+    As output of ``forward`` and ``compute`` the metric returns a float scalar tensor.
+
+    States: ``exact_match_correct`` and ``exact_match_total``, int64, summed across processes.
+
+    Args:
+        ignore_index: label value of unsupervised positions.
+        zero_division: value returned when no counted sample has been seen.
+        validate_args: check label values on every update (a host-device sync).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics import ExactMatchAccuracy
+        >>> metric = ExactMatchAccuracy()
+        >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+        >>> target = torch.tensor([[1, 2, -100], [4, 0, 6], [-100, -100, -100]])
+        >>> metric(preds, target)  # the last row has no supervised position
+        tensor(0.5000)
+        >>> metric.exact_match_correct, metric.exact_match_total
+        (tensor(1), tensor(2))
+
+    """
+
+    _numerator_state = "exact_match_correct"
+    _denominator_state = "exact_match_total"
+    exact_match_correct: Tensor
+    exact_match_total: Tensor
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add one batch's fully matched samples and samples with a supervised position."""
+        _check_token_inputs(preds, target, self.ignore_index, self.validate_args)
+        self._add(*_exact_match_update(_argmax_ids(preds), target, self.ignore_index))
+
+
+class TextBitMatchAccuracy(_CountRatio):
+    """Character accuracy of decoded answers, position by position.
+
+    Characters not in ``alphabet`` are dropped first (when given); then correct = equal
+    characters over the shorter length and total = the longer length, so missing and extra
+    characters both count as errors.
+
+    As input to ``forward`` and ``update`` the metric accepts ``preds`` and ``target``: a string
+    or a sequence of strings of the same length. It returns a float scalar tensor.
+
+    States: ``text_bit_match_correct`` and ``text_bit_match_total``, int64, summed across
+    processes.
+
+    Args:
+        alphabet: characters to keep before comparing, e.g. ``"01"``; None keeps all.
+        zero_division: value returned when no character has been seen.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> from mllm_metrics import TextBitMatchAccuracy
+        >>> metric = TextBitMatchAccuracy(alphabet="01")
+        >>> metric(["0110", "0 1"], ["0111", "011"])  # (3 + 2) / (4 + 3)
+        tensor(0.7143)
+
+    """
+
+    _numerator_state = "text_bit_match_correct"
+    _denominator_state = "text_bit_match_total"
+    text_bit_match_correct: Tensor
+    text_bit_match_total: Tensor
+
+    def __init__(
+        self, alphabet: str | None = None, zero_division: float = 0.0, **kwargs: Any
+    ) -> None:
+        super().__init__(zero_division=zero_division, **kwargs)
+        if alphabet is not None and (not isinstance(alphabet, str) or not alphabet):
+            raise ValueError(
+                f"Expected `alphabet` to be a non-empty string or None, got {alphabet!r}."
+            )
+        self.alphabet = alphabet
+
+    def update(self, preds: str | Sequence[str], target: str | Sequence[str]) -> None:
+        """Add one batch's matching characters and compared characters."""
+        self._add(*_text_bit_match_update(*_check_text_inputs(preds, target), self.alphabet))
+
+
+class TextExactMatch(_CountRatio):
+    """Share of decoded answers exactly equal to their reference string.
+
+    As input to ``forward`` and ``update`` the metric accepts ``preds`` and ``target``: a string
+    or a sequence of strings of the same length. It returns a float scalar tensor.
+
+    States: ``text_exact_match_correct`` and ``text_exact_match_total``, int64, summed across
+    processes.
+
+    Args:
+        zero_division: value returned when no string has been seen.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> from mllm_metrics import TextExactMatch
+        >>> metric = TextExactMatch()
+        >>> metric(["0110", "01"], ["0110", "011"])
+        tensor(0.5000)
+
+    """
+
+    _numerator_state = "text_exact_match_correct"
+    _denominator_state = "text_exact_match_total"
+    text_exact_match_correct: Tensor
+    text_exact_match_total: Tensor
+
+    def update(self, preds: str | Sequence[str], target: str | Sequence[str]) -> None:
+        """Add one batch's equal strings and strings."""
+        self._add(*_text_exact_match_update(*_check_text_inputs(preds, target)))
+
+
+def causal_lm_metrics(
+    ignore_index: int = -100, prefix: str | None = None, **kwargs: Any
+) -> MetricCollection:
+    """The two token metrics of a causal LM, as one ``MetricCollection``.
+
+    Args:
+        ignore_index: label value of unsupervised positions.
+        prefix: prepended to the keys, e.g. ``"val/"``.
+        kwargs: passed to both metrics (``validate_args``, ``sync_on_compute``, ...).
+
+    Returns:
+        A collection with the keys ``bit_match`` and ``exact_match``.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics import causal_lm_metrics
+        >>> metrics = causal_lm_metrics(prefix="val/")
+        >>> metrics.update(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 0]]))
+        >>> {name: round(value.item(), 2) for name, value in metrics.compute().items()}
+        {'val/bit_match': 0.75, 'val/exact_match': 0.5}
+
+    """
+    return MetricCollection(
+        {
+            "bit_match": BitMatchAccuracy(ignore_index=ignore_index, **kwargs),
+            "exact_match": ExactMatchAccuracy(ignore_index=ignore_index, **kwargs),
+        },
+        prefix=prefix,
+    )
