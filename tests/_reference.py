@@ -55,3 +55,33 @@ def logits_for(
     logits = torch.randn(*preds.shape, vocab_size, generator=generator)
     logits.scatter_(-1, preds.unsqueeze(-1), 10.0)
     return logits.to(dtype)
+
+
+def processed_labels_by_hand(model, batch, max_length=None, padding_side="right"):
+    """The labels a LLaVA-style forward aligns its logits with, built row by row."""
+    n = model.num_image_positions
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        row = []
+        for token, label, keep in zip(ids.tolist(), labels.tolist(), mask.tolist()):
+            if keep:
+                row += [-100] * n if token == -200 else [label]
+        rows.append(row[:max_length])
+    width = max(map(len, rows))
+    pad = [[-100] * (width - len(row)) for row in rows]
+    if padding_side == "right":
+        return torch.tensor([row + p for row, p in zip(rows, pad)])
+    return torch.tensor([p + row for row, p in zip(rows, pad)])
+
+
+def favour_token(model, token: int = 5, bias: float = 0.27):
+    """Give the output head a bias towards ``token``, so a random model predicts it about half
+    the time: answers made of that token are then partly right, and the metrics non-trivial."""
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[token] = bias
+    model.lm_head = head
+    return model

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import processed_labels_by_hand
 from torch import nn
 
 from mllm_metrics.labels import (
@@ -39,23 +40,6 @@ def _batch():
     )
 
 
-def _processed_labels_by_hand(model, batch, max_length=None, padding_side="right"):
-    """The labels a LLaVA-style forward aligns its logits with, built row by row."""
-    n = model.num_image_positions
-    rows = []
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        row = []
-        for token, label, keep in zip(ids.tolist(), labels.tolist(), mask.tolist()):
-            if keep:
-                row += [-100] * n if token == -200 else [label]
-        rows.append(row[:max_length])
-    width = max(map(len, rows))
-    pad = [[-100] * (width - len(row)) for row in rows]
-    if padding_side == "right":
-        return torch.tensor([row + p for row, p in zip(rows, pad)])
-    return torch.tensor([p + row for row, p in zip(rows, pad)])
-
-
 def _has_no_wrapper(model: nn.Module) -> bool:
     return all(PREPARE_METHOD not in module.__dict__ for module in model.modules())
 
@@ -63,7 +47,7 @@ def _has_no_wrapper(model: nn.Module) -> bool:
 def test_llava_style_labels_are_recorded_from_forward():
     model, batch = _tiny_llava(), _batch()
     result = aligned_forward(model, batch)
-    expected = _processed_labels_by_hand(model, batch)
+    expected = processed_labels_by_hand(model, batch)
     assert batch["labels"].shape == (3, 7) and result.logits.shape[:2] == (3, 13)
     assert torch.equal(result.labels, expected)
     loss = F.cross_entropy(
@@ -78,7 +62,7 @@ def test_labels_follow_truncation_and_left_padding():
     model = _tiny_llava(tokenizer_model_max_length=6, tokenizer_padding_side="left")
     batch = _batch()
     result = aligned_forward(model, batch)
-    expected = _processed_labels_by_hand(model, batch, max_length=6, padding_side="left")
+    expected = processed_labels_by_hand(model, batch, max_length=6, padding_side="left")
     assert expected[2].tolist() == [-100] * 6  # truncation cut every supervised label of row 3
     assert torch.equal(result.labels, expected)
 
@@ -233,7 +217,7 @@ def test_expose_processed_labels_adds_a_field_and_undoes_itself():
     handle = expose_processed_labels(model)
     assert inspect.signature(model.forward) == forward_signature
     outputs = model(**batch)
-    assert torch.equal(outputs.processed_labels, _processed_labels_by_hand(model, batch))
+    assert torch.equal(outputs.processed_labels, processed_labels_by_hand(model, batch))
     assert outputs.to_tuple()[-1] is outputs.processed_labels  # Trainer sees it in the tuple
     handle.remove()
     handle.remove()  # idempotent
@@ -293,7 +277,7 @@ def test_works_through_distributed_data_parallel(tmp_path):
         wrapped = nn.parallel.DistributedDataParallel(model)
         batch = _batch()
         result = aligned_forward(wrapped, batch)
-        assert torch.equal(result.labels, _processed_labels_by_hand(model, batch))
+        assert torch.equal(result.labels, processed_labels_by_hand(model, batch))
         with expose_processed_labels(wrapped):
             assert "processed_labels" in wrapped(**batch)
         assert _has_no_wrapper(model)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _reference import (
     brute_force_bit_match,
     brute_force_exact_match,
@@ -24,6 +25,7 @@ from mllm_metrics import (
     ExactMatchAccuracy,
     TextBitMatchAccuracy,
     TextExactMatch,
+    TokenNLL,
     causal_lm_metrics,
     causal_shift,
 )
@@ -490,3 +492,32 @@ def test_importing_the_package_imports_neither_lightning_nor_transformers():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_token_nll_is_the_token_weighted_mean_over_batches():
+    generator = torch.Generator().manual_seed(6)
+    batches = []
+    for length in (3, 9):  # batches of different token counts: a mean of means would be wrong
+        logits = torch.randn(2, length, 7, generator=generator)
+        target = torch.randint(7, (2, length), generator=generator)
+        target[0, : length // 2] = -100
+        batches.append((logits, target))
+    metric = TokenNLL()
+    for logits, target in batches:
+        metric.update(logits, target)
+    all_logits = torch.cat([logits.flatten(0, 1) for logits, _ in batches])
+    all_target = torch.cat([target.flatten() for _, target in batches])
+    expected = F.cross_entropy(all_logits, all_target, ignore_index=-100)
+    assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-6)
+    mean_of_means = sum(F.cross_entropy(x.flatten(0, 1), t.flatten()) for x, t in batches) / 2
+    assert metric.compute().item() != pytest.approx(mean_of_means.item(), rel=1e-3)
+    assert metric.nll_tokens.item() == int((all_target != -100).sum())
+    assert metric.higher_is_better is False and metric.nll_sum.dtype == torch.float64
+
+
+def test_token_nll_without_tokens_is_nan_and_rejects_ids():
+    metric = TokenNLL()
+    metric.update(torch.randn(1, 2, 3), torch.tensor([[-100, -100]]))
+    assert torch.isnan(metric.compute())
+    with pytest.raises(ValueError, match="needs the full distribution"):
+        metric.update(torch.tensor([[1, 2]]), torch.tensor([[1, 2]]))

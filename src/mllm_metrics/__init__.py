@@ -11,6 +11,7 @@ from mllm_metrics.metrics import (
     ExactMatchAccuracy,
     TextBitMatchAccuracy,
     TextExactMatch,
+    TokenNLL,
     causal_lm_metrics,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "ExactMatchAccuracy",
     "TextBitMatchAccuracy",
     "TextExactMatch",
+    "TokenNLL",
     "causal_lm_metrics",
     "causal_shift",
 ]

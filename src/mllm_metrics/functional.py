@@ -154,6 +154,14 @@ def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tup
     return counted.logical_and(any_wrong.logical_not_()).sum(), counted.sum()
 
 
+def _token_nll_update(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Summed negative log-likelihood of the supervised labels (float64), and their count."""
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index, reduction="sum"
+    )
+    return nll.double(), (target != ignore_index).sum()
+
+
 def _ratio(numerator: Tensor, denominator: Tensor, zero_division: float) -> Tensor:
     """``numerator / denominator`` as float32, ``zero_division`` where the denominator is 0.
 

@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 PREPARE_METHOD = "prepare_inputs_labels_for_multimodal"
+# Methods that rewrite labels inside a forward, with the position of the labels in what they
+# return: LLaVA and its descendants, and Hugging Face's own Llava before transformers 4.45
+# (which expanded the image tokens inside forward and returned no labels).
+LABEL_PRODUCING_METHODS = {PREPARE_METHOD: -1, "_merge_input_ids_with_image_features": 2}
 PROCESSED_LABELS_FIELD = "processed_labels"
 
 # One stack of open recordings per thread: each forward that records pushes a slot, and the
@@ -50,7 +54,7 @@ PROCESSED_LABELS_FIELD = "processed_labels"
 # never see each other's labels.
 _recordings = threading.local()
 _install_lock = threading.Lock()
-_installed: weakref.WeakKeyDictionary[nn.Module, _PrepareRecorder] = weakref.WeakKeyDictionary()
+_installed: dict[tuple[nn.Module, str], _PrepareRecorder] = {}
 
 
 class _Slot:
@@ -81,7 +85,7 @@ def _recording() -> Iterator[_Slot]:
 
 
 class _PrepareRecorder:
-    """A pass-through wrapper around one module's ``prepare_inputs_labels_for_multimodal``.
+    """A pass-through wrapper around one module's label-producing method.
 
     It is set as an instance attribute (shadowing the class's method) and shared by every user
     of the module through a reference count; the last ``release`` restores the module. If other
@@ -89,53 +93,62 @@ class _PrepareRecorder:
     goes inert instead (a plain pass-through) and a warning says so.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, method: str) -> None:
         self.module_ref = weakref.ref(module)
-        self.had_own_attribute = PREPARE_METHOD in module.__dict__
-        self.previous = module.__dict__.get(PREPARE_METHOD)
+        self.method = method
+        self.had_own_attribute = method in module.__dict__
+        self.previous = module.__dict__.get(method)
         self.users = 0
-        original = getattr(module, PREPARE_METHOD)
+        original = getattr(module, method)
+        labels_position = LABEL_PRODUCING_METHODS[method]
 
         @functools.wraps(original)
         def recording_prepare(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             stack = getattr(_recordings, "stack", None)
             if self.users and stack and isinstance(result, tuple) and result:
-                # LLaVA and its descendants return the processed labels last.
-                stack[-1].labels, stack[-1].recorded = result[-1], True
+                stack[-1].labels, stack[-1].recorded = result[labels_position], True
             return result
 
         self.wrapper = recording_prepare
-        setattr(module, PREPARE_METHOD, recording_prepare)
+        setattr(module, method, recording_prepare)
 
     def release(self) -> None:
         self.users -= 1
         module = self.module_ref()
         if self.users or module is None:
             return
-        if module.__dict__.get(PREPARE_METHOD) is not self.wrapper:
+        if module.__dict__.get(self.method) is not self.wrapper:
             warnings.warn(
-                f"`{type(module).__name__}.{PREPARE_METHOD}` was replaced after mllm_metrics "
+                f"`{type(module).__name__}.{self.method}` was replaced after mllm_metrics "
                 "wrapped it, so the wrapper stays in place; it no longer records anything.",
                 stacklevel=3,
             )
         elif self.had_own_attribute:
-            setattr(module, PREPARE_METHOD, self.previous)
+            setattr(module, self.method, self.previous)
         else:
-            delattr(module, PREPARE_METHOD)
-        _installed.pop(module, None)
+            delattr(module, self.method)
+        _installed.pop((module, self.method), None)
+
+
+def _label_producers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (submodule, method) that rewrites labels; reaches inside DDP, compile and PEFT."""
+    return [
+        (module, method)
+        for module in model.modules()
+        for method in LABEL_PRODUCING_METHODS
+        if callable(getattr(type(module), method, None))
+    ]
 
 
 def _acquire_recorders(model: nn.Module) -> Callable[[], None]:
-    """Wrap the prepare method of every submodule that has one; return the undo."""
+    """Wrap every label-producing method of the model; return the undo."""
     recorders = []
     with _install_lock:
-        for module in model.modules():  # reaches inside DDP, torch.compile and PEFT wrappers
-            if not callable(getattr(type(module), PREPARE_METHOD, None)):
-                continue
-            recorder = _installed.get(module)
+        for module, method in _label_producers(model):
+            recorder = _installed.get((module, method))
             if recorder is None:
-                recorder = _installed[module] = _PrepareRecorder(module)
+                recorder = _installed[(module, method)] = _PrepareRecorder(module, method)
             recorder.users += 1
             recorders.append(recorder)
 
@@ -275,6 +288,12 @@ def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForwar
         (torch.Size([1, 4, 5]), tensor([[-100, -100,    1,    2]]))
 
     """
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"Expected the batch to be a dict of the model's keyword arguments (input_ids, "
+            f"labels, images...), got {type(batch).__name__}. Likely cause: a collate function "
+            "that returns a tuple; return a dict instead."
+        )
     with _recording_labels(model) as slot:
         outputs = model(**batch)
     recorded = slot.labels if slot.recorded else None
@@ -338,7 +357,7 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
 
     """
     release = _acquire_recorders(model)
-    if not any(callable(getattr(type(module), PREPARE_METHOD, None)) for module in model.modules()):
+    if not _label_producers(model):
         return ProcessedLabelsHandle([], release)
 
     def push_slot(module: nn.Module, args: Any) -> None:

@@ -20,6 +20,7 @@ from mllm_metrics.functional import (
     _ratio,
     _text_bit_match_update,
     _text_exact_match_update,
+    _token_nll_update,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ExactMatchAccuracy",
     "TextBitMatchAccuracy",
     "TextExactMatch",
+    "TokenNLL",
     "causal_lm_metrics",
 ]
 
@@ -45,6 +47,7 @@ class _CountRatio(Metric):
     plot_upper_bound = 1.0
     _numerator_state: str
     _denominator_state: str
+    _numerator_dtype = torch.long
 
     def __init__(self, zero_division: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -55,8 +58,10 @@ class _CountRatio(Metric):
         if not (0.0 <= zero_division <= 1.0 or math.isnan(zero_division)):
             raise ValueError(f"Expected `zero_division` in [0, 1] or nan, got {zero_division}.")
         self.zero_division = float(zero_division)
-        for name in (self._numerator_state, self._denominator_state):
-            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        numerator = torch.tensor(0, dtype=self._numerator_dtype)
+        self.add_state(self._numerator_state, numerator, dist_reduce_fx="sum")
+        denominator = torch.tensor(0, dtype=torch.long)
+        self.add_state(self._denominator_state, denominator, dist_reduce_fx="sum")
 
     def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
         # Both counts are computed before either state changes, so a rejected batch changes none.
@@ -197,6 +202,66 @@ class ExactMatchAccuracy(_TokenCountRatio):
         """Add one batch's fully matched samples and samples with a supervised position."""
         _check_token_inputs(preds, target, self.ignore_index, self.validate_args)
         self._add(*_exact_match_update(_argmax_ids(preds), target, self.ignore_index))
+
+
+class TokenNLL(_TokenCountRatio):
+    r"""Token-weighted mean negative log-likelihood over the supervised positions.
+
+    The loss a causal LM reports per batch is a mean over that batch's tokens; averaging those
+    means weights batches, not tokens. This metric sums the NLL (float64) and counts the tokens
+    (int64) across batches and processes, so ``compute()`` is the mean over every supervised
+    token of the eval set: the loss of one batch holding all the data.
+
+    As input to ``forward`` and ``update`` the metric accepts:
+
+    - ``logits`` (:class:`~torch.Tensor`): float logits of shape ``(B, L, V)``, causally shifted.
+    - ``target`` (:class:`~torch.Tensor`): int labels of shape ``(B, L)``.
+
+    States: ``nll_sum`` (float64) and ``nll_tokens`` (int64), summed across processes.
+
+    Args:
+        ignore_index: label value of unsupervised positions.
+        zero_division: value returned when no supervised token has been seen (nan by default:
+            there is no loss to report).
+        validate_args: check label values on every update (a host-device sync).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics import TokenNLL
+        >>> metric = TokenNLL()
+        >>> logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+        >>> metric(logits, torch.tensor([[0, -100]]))  # -log(0.5)
+        tensor(0.6931)
+
+    """
+
+    higher_is_better = False
+    plot_upper_bound = None
+    _numerator_state = "nll_sum"
+    _denominator_state = "nll_tokens"
+    _numerator_dtype = torch.float64
+    nll_sum: Tensor
+    nll_tokens: Tensor
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        zero_division: float = float("nan"),
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(ignore_index, zero_division, validate_args, **kwargs)
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add one batch's summed NLL and supervised token count."""
+        if logits.ndim != 3:
+            raise ValueError(
+                f"Expected logits of shape (batch, seq_len, vocab_size), got shape "
+                f"{tuple(logits.shape)}: the NLL needs the full distribution, not token ids."
+            )
+        _check_token_inputs(logits, target, self.ignore_index, self.validate_args)
+        self._add(*_token_nll_update(logits, target, self.ignore_index))
 
 
 class TextBitMatchAccuracy(_CountRatio):
