@@ -77,11 +77,11 @@ def processed_labels_by_hand(model, batch, max_length=None, padding_side="right"
 def favour_token(model, token: int = 5, bias: float = 0.27):
     """Give the output head a bias towards ``token``, so a random model predicts it about half
     the time: answers made of that token are then partly right, and the metrics non-trivial."""
-    old = model.lm_head
+    old = model.get_output_embeddings()
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
     with torch.no_grad():
         head.weight.copy_(old.weight)
         head.bias.zero_()
         head.bias[token] = bias
-    model.lm_head = head
+    model.set_output_embeddings(head)
     return model

@@ -125,9 +125,11 @@ def test_llava_style_model(overrides):
         assert processed < dataset_tokens
 
 
-def test_hugging_face_llava_with_aligned_labels():
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4.x Llava expands <image> inside forward; covered by 5.x")
+def test_hugging_face_llava():
+    """transformers 5 expects the processor's expanded image tokens: labels are aligned as they
+    come. transformers 4.37 expands one <image> token inside forward, in
+    `_merge_input_ids_with_image_features`, whose labels are recorded."""
+    expands_inside = int(transformers.__version__.split(".")[0]) < 5
     torch.manual_seed(0)
     text = transformers.LlamaConfig(
         vocab_size=64,
@@ -149,7 +151,7 @@ def test_hugging_face_llava_with_aligned_labels():
         num_channels=3,
         projection_dim=16,
     )
-    image_token = 63
+    image_token, image_positions = 63, 4
     config = transformers.LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -160,12 +162,14 @@ def test_hugging_face_llava_with_aligned_labels():
     )
     model = favour_token(transformers.LlavaForConditionalGeneration(config), bias=0.5).eval()
     generator = torch.Generator().manual_seed(1)
+    placeholders = 1 if expands_inside else image_positions
     batches = []
     for _ in range(2):
         words = torch.tensor([5, 5, 9])[torch.randint(3, (2, 7), generator=generator)]
-        input_ids = torch.cat([words[:, :1], torch.full((2, 4), image_token), words[:, 1:]], 1)
+        image = torch.full((2, placeholders), image_token)
+        input_ids = torch.cat([words[:, :1], image, words[:, 1:]], 1)
         labels = input_ids.clone()
-        labels[:, :6] = -100  # the prompt and the image positions
+        labels[:, : 2 + placeholders] = -100  # the prompt and the image
         batches.append(
             {
                 "input_ids": input_ids,
@@ -174,7 +178,15 @@ def test_hugging_face_llava_with_aligned_labels():
                 "pixel_values": torch.randn(2, 3, 8, 8, generator=generator),
             }
         )
-    expected = _reference(model, batches, lambda batch, logits: batch["labels"])
+
+    def labels_for(batch, logits):
+        if not expands_inside:
+            return batch["labels"]
+        labels = batch["labels"]
+        expanded = torch.full((2, image_positions), -100)
+        return torch.cat([labels[:, :1], expanded, labels[:, 2:]], dim=1)
+
+    expected = _reference(model, batches, labels_for)
     [results] = _trainer().validate(MultimodalLMModule(model), _loader(batches), verbose=False)
     _assert_logged(results, expected)
 
