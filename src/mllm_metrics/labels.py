@@ -22,6 +22,7 @@ transformers, and both work on a model wrapped in ``DistributedDataParallel``.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import warnings
 import weakref
@@ -37,7 +38,9 @@ __all__ = [
     "PREPARE_METHOD",
     "AlignedForward",
     "ProcessedLabelsHandle",
+    "AlignedHiddenStates",
     "aligned_forward",
+    "aligned_hidden_states",
     "expose_processed_labels",
     "select_aligned_labels",
 ]
@@ -376,3 +379,85 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
         model.register_forward_hook(attach_labels, always_call=True),
     ]
     return ProcessedLabelsHandle(hooks, release)
+
+
+@dataclass
+class AlignedHiddenStates:
+    """The final hidden states of a causal LM, its output head, and the labels they align with.
+
+    ``output_head(hidden_states)`` are the logits the full forward would return.
+    """
+
+    hidden_states: Tensor
+    output_head: nn.Module
+    labels: Tensor | None
+
+
+# Logit transforms applied after the output head, which a split forward would miss.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def _call_with_accepted(function: Callable[..., Any], arguments: Mapping[str, Any]) -> Any:
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return function(**arguments)
+    return function(**{k: v for k, v in arguments.items() if k in parameters})
+
+
+def _arguments_for(function: Callable[..., Any], batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Every named parameter of ``function``: from the batch, else its default, else None."""
+    return {
+        name: batch.get(name, None if parameter.default is parameter.empty else parameter.default)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+
+
+def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
+    """Run a causal LM up to its final hidden states, without applying the output head.
+
+    With the head left out, the caller can apply it to a few positions at a time and never hold
+    the (batch, seq_len, vocab_size) logits. Supported: Hugging Face causal LMs whose logits are
+    ``get_output_embeddings()(base_model(...)[0])`` (Llama, Mistral, Qwen2, Llava in
+    transformers 5...), and LLaVA-style models, whose ``prepare_inputs_labels_for_multimodal`` is
+    called here, then their ``base_model`` on the resulting embeddings.
+
+    Args:
+        model: the model (not wrapped in DDP).
+        batch: the keyword arguments of its forward, ``labels`` included.
+
+    Returns:
+        The hidden states (batch, seq_len', hidden), the output head and the aligned labels, or
+        None when the model cannot be split this way (the caller then runs the full forward).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, "base_model", None)
+    config = getattr(model, "config", None)
+    if (
+        not isinstance(head, nn.Linear)
+        or not isinstance(backbone, nn.Module)
+        or backbone is model
+        or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+        or callable(getattr(type(model), "_merge_input_ids_with_image_features", None))
+    ):
+        return None
+    labels = batch.get("labels")
+    arguments = {k: v for k, v in batch.items() if k != "labels"}
+    prepare = getattr(model, PREPARE_METHOD, None)
+    if callable(prepare):
+        result = prepare(**_arguments_for(prepare, batch))
+        if not (isinstance(result, tuple) and len(result) == 6):
+            return None
+        input_ids, position_ids, attention_mask, _, inputs_embeds, labels = result
+        arguments = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+    hidden_states = _call_with_accepted(backbone.forward, arguments)[0]
+    if not isinstance(hidden_states, Tensor) or hidden_states.shape[-1] != head.in_features:
+        return None
+    if labels is not None and labels.shape != hidden_states.shape[:2]:
+        return None
+    return AlignedHiddenStates(hidden_states=hidden_states, output_head=head, labels=labels)

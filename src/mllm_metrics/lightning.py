@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric, MetricCollection
 
 from mllm_metrics.functional import causal_shift
-from mllm_metrics.labels import aligned_forward
+from mllm_metrics.labels import AlignedHiddenStates, aligned_forward, aligned_hidden_states
 from mllm_metrics.metrics import TextBitMatchAccuracy, TextExactMatch, TokenNLL, causal_lm_metrics
 
 __all__ = ["MultimodalLMModule"]
@@ -52,6 +53,13 @@ class MultimodalLMModule(pl.LightningModule):
         text_alphabet: characters the text bit-match keeps (e.g. ``"01"``); None keeps all.
         learning_rate: AdamW learning rate of :meth:`configure_optimizers`.
         weight_decay: AdamW weight decay.
+        logits_chunk_size: in validation/test, run the model up to its final hidden states and
+            apply the output head to this many token positions at a time (counted across the
+            whole batch), keeping only the argmax ids and the summed NLL of each chunk: at most
+            ``logits_chunk_size x vocab_size`` logits are alive at once instead of
+            ``batch x seq_len x vocab_size``. Values equal the full path. Models that cannot
+            be split (see :func:`~mllm_metrics.labels.aligned_hidden_states`) fall back to the
+            full forward with a warning.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -80,8 +88,17 @@ class MultimodalLMModule(pl.LightningModule):
         text_alphabet: str | None = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        logits_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if logits_chunk_size is not None and (
+            not isinstance(logits_chunk_size, int) or logits_chunk_size < 1
+        ):
+            raise ValueError(
+                f"Expected `logits_chunk_size` to be a positive int or None, got "
+                f"{logits_chunk_size!r}."
+            )
+        self.logits_chunk_size = logits_chunk_size
         if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
@@ -98,6 +115,7 @@ class MultimodalLMModule(pl.LightningModule):
         self._metrics_template = (template,)
         self.eval_metrics = nn.ModuleDict()
         self._samples_seen: dict[str, int] = {}
+        self._cannot_split = False
 
     def forward(self, **batch: Any) -> Any:
         """Call the wrapped model."""
@@ -139,22 +157,62 @@ class MultimodalLMModule(pl.LightningModule):
         return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
 
     def _evaluation_step(self, stage: str, batch: Mapping[str, Any], dataloader_idx: int) -> None:
-        result = aligned_forward(self.model, batch)
-        if result.labels is None:
-            raise ValueError(
-                f"The {stage} batch has no `labels` (keys: {sorted(batch)}); the metrics compare "
-                "the model's predictions with the labels, so the batch must hold them."
-            )
-        labels = self._mask_repeated_samples(result.labels, stage, dataloader_idx)
-        preds, target = causal_shift(result.logits, labels)
         metrics = self._metrics_for(stage, dataloader_idx)
-        metrics["loss"].update(result.logits[:, :-1], target)
+        split = self._split_forward(batch)
+        if split is None:
+            result = aligned_forward(self.model, batch)
+            labels = self._checked_labels(result.labels, stage, batch, dataloader_idx)
+            preds, target = causal_shift(result.logits, labels)
+            metrics["loss"].update(result.logits[:, :-1], target)
+        else:
+            labels = self._checked_labels(split.labels, stage, batch, dataloader_idx)
+            preds, target = self._chunked_predictions(split, labels, metrics["loss"])
         metrics["tokens"].update(preds, target)
         self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics["tokens"], on_step=False, on_epoch=True)
         if self.tokenizer is not None:
             self._update_text_metrics(metrics["text"], preds, target)
             self.log_dict(metrics["text"], on_step=False, on_epoch=True)
+
+    def _checked_labels(
+        self, labels: Tensor | None, stage: str, batch: Mapping[str, Any], dataloader_idx: int
+    ) -> Tensor:
+        if labels is None:
+            raise ValueError(
+                f"The {stage} batch has no `labels` (keys: {sorted(batch)}); the metrics compare "
+                "the model's predictions with the labels, so the batch must hold them."
+            )
+        return self._mask_repeated_samples(labels, stage, dataloader_idx)
+
+    def _split_forward(self, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
+        if self.logits_chunk_size is None or self._cannot_split:
+            return None
+        split = aligned_hidden_states(self.model, batch)
+        if split is None:
+            self._cannot_split = True
+            warnings.warn(
+                f"`logits_chunk_size` is set but {type(self.model).__name__} cannot be run up to "
+                "its hidden states and output head separately (no `get_output_embeddings()` "
+                "Linear head and `base_model`, or a logit transform after the head); using the "
+                "full forward, which holds the whole (batch, seq_len, vocab) logits.",
+                stacklevel=2,
+            )
+        return split
+
+    def _chunked_predictions(
+        self, split: AlignedHiddenStates, labels: Tensor, nll: TokenNLL
+    ) -> tuple[Tensor, Tensor]:
+        """Causal shift, argmax and NLL with the head applied to a few positions at a time."""
+        hidden = split.hidden_states[:, :-1].flatten(0, 1)
+        target = labels[:, 1:]
+        flat_target = target.flatten()
+        preds = torch.empty_like(flat_target)
+        for start in range(0, flat_target.numel(), self.logits_chunk_size):
+            chunk = slice(start, start + self.logits_chunk_size)
+            logits = split.output_head(hidden[chunk])
+            preds[chunk] = logits.argmax(dim=-1)
+            nll.update(logits.unsqueeze(0), flat_target[chunk].unsqueeze(0))
+        return preds.view_as(target), target
 
     def _metrics_for(self, stage: str, dataloader_idx: int) -> nn.ModuleDict:
         key = f"{stage}_{dataloader_idx}"
