@@ -521,3 +521,26 @@ def test_token_nll_without_tokens_is_nan_and_rejects_ids():
     assert torch.isnan(metric.compute())
     with pytest.raises(ValueError, match="needs the full distribution"):
         metric.update(torch.tensor([[1, 2]]), torch.tensor([[1, 2]]))
+
+
+def test_collection_takes_the_argmax_once_and_checks_logits(monkeypatch):
+    import mllm_metrics.metrics as metrics_module
+
+    argmaxed = []
+    original = metrics_module._argmax_ids
+
+    def counting(preds):
+        argmaxed.append(preds.ndim == 3)
+        return original(preds)
+
+    monkeypatch.setattr(metrics_module, "_argmax_ids", counting)
+    generator = torch.Generator().manual_seed(7)
+    preds, target = make_token_batch(generator, 3, 5, 6)
+    logits = logits_for(preds, 6, generator)
+    from_logits, from_ids = causal_lm_metrics(), causal_lm_metrics()
+    batch_values = from_logits(logits, target)
+    assert argmaxed.count(True) == 1  # one argmax over the vocabulary for both metrics
+    from_ids.update(preds, target)
+    assert from_logits.compute() == from_ids.compute() == batch_values
+    with pytest.raises(ValueError, match="outside the logits' vocabulary"):
+        from_logits.update(logits[:, :, :3], target)

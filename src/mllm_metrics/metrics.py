@@ -341,10 +341,40 @@ class TextExactMatch(_CountRatio):
         self._add(*_text_exact_match_update(*_check_text_inputs(preds, target)))
 
 
+class _CausalLMMetrics(MetricCollection):
+    """A ``MetricCollection`` that turns logits into token ids once for all its metrics.
+
+    Each token metric would otherwise take its own argmax over the vocabulary, the one costly
+    step of an update.
+    """
+
+    def __init__(
+        self, metrics: dict[str, Metric], ignore_index: int, validate_args: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(metrics, **kwargs)
+        self._ignore_index = ignore_index
+        self._validate_args = validate_args
+
+    def _ids(self, preds: Tensor, target: Tensor) -> Tensor:
+        if isinstance(preds, Tensor) and preds.ndim == 3:
+            _check_token_inputs(preds, target, self._ignore_index, self._validate_args)
+        return _argmax_ids(preds) if isinstance(preds, Tensor) else preds
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Update every metric with the argmax ids of ``preds``."""
+        super().update(self._ids(preds, target), target)
+
+    def forward(self, preds: Tensor, target: Tensor) -> dict[str, Any]:
+        """Batch values of every metric, accumulating as ``update`` does."""
+        return super().forward(self._ids(preds, target), target)
+
+
 def causal_lm_metrics(
     ignore_index: int = -100, prefix: str | None = None, **kwargs: Any
 ) -> MetricCollection:
     """The two token metrics of a causal LM, as one ``MetricCollection``.
+
+    Logits are reduced to token ids once for both metrics.
 
     Args:
         ignore_index: label value of unsupervised positions.
@@ -363,10 +393,12 @@ def causal_lm_metrics(
         {'val/bit_match': 0.75, 'val/exact_match': 0.5}
 
     """
-    return MetricCollection(
+    return _CausalLMMetrics(
         {
             "bit_match": BitMatchAccuracy(ignore_index=ignore_index, **kwargs),
             "exact_match": ExactMatchAccuracy(ignore_index=ignore_index, **kwargs),
         },
+        ignore_index=ignore_index,
+        validate_args=kwargs.get("validate_args", True),
         prefix=prefix,
     )
