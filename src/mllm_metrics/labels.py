@@ -7,16 +7,18 @@ This module recovers them, in this order of preference:
 
 1. labels the model returns itself: an output field ``processed_labels``, or LLaVA-NeXT's
    ``dpo_forward=True`` pair ``(logits, labels)``;
-2. the labels returned by ``prepare_inputs_labels_for_multimodal`` during that very forward,
-   recorded by a thin wrapper set on the instance (the class and its code are untouched);
+2. the labels returned by ``prepare_inputs_labels_for_multimodal`` during that very forward
+   (or by ``_merge_input_ids_with_image_features``, Hugging Face's Llava before transformers
+   4.45), recorded by a thin wrapper set on the instance (the class and its code are untouched);
 3. the batch's own ``labels`` when their (batch, seq_len) equals the logits' (models whose
    processor already expanded the image tokens: ``LlavaForConditionalGeneration``, Qwen2-VL);
 4. otherwise a ``ValueError`` naming both shapes.
 
 :func:`aligned_forward` runs one forward and returns the logits with their labels (used by the
 Lightning module); :func:`expose_processed_labels` makes every forward of a model carry a
-``processed_labels`` output field (used with ``transformers.Trainer``). Neither needs
-transformers, and both work on a model wrapped in ``DistributedDataParallel``.
+``processed_labels`` output field (used with ``transformers.Trainer``);
+:func:`aligned_hidden_states` stops before the output head (for chunked logits). None of them
+needs transformers, and the first two work on a model wrapped in ``DistributedDataParallel``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ PROCESSED_LABELS_FIELD = "processed_labels"
 # never see each other's labels.
 _recordings = threading.local()
 _install_lock = threading.Lock()
-_installed: dict[tuple[nn.Module, str], _PrepareRecorder] = {}
+_installed: dict[tuple[nn.Module, str], _LabelRecorder] = {}
 
 
 class _Slot:
@@ -87,7 +89,7 @@ def _recording() -> Iterator[_Slot]:
         _pop_slot(slot)
 
 
-class _PrepareRecorder:
+class _LabelRecorder:
     """A pass-through wrapper around one module's label-producing method.
 
     It is set as an instance attribute (shadowing the class's method) and shared by every user
@@ -151,7 +153,7 @@ def _acquire_recorders(model: nn.Module) -> Callable[[], None]:
         for module, method in _label_producers(model):
             recorder = _installed.get((module, method))
             if recorder is None:
-                recorder = _installed[(module, method)] = _PrepareRecorder(module, method)
+                recorder = _installed[(module, method)] = _LabelRecorder(module, method)
             recorder.users += 1
             recorders.append(recorder)
 
