@@ -1,0 +1,392 @@
+"""Shared pieces of the transformers.Trainer tests, and the torchrun worker of test_hf_ddp.py.
+
+- tiny models with random weights (nothing downloaded) and eval sets whose answers are mostly
+  the model's own greedy tokens, so bit-match and exact-match are neither 0 nor 1;
+- raw-count metrics (a doubled count shows where a ratio would hide it);
+- an independent reference: run the model batch by batch, rebuild the processed labels by hand,
+  count in Python.
+
+Run as a script under ``torchrun --nproc_per_node 2 _hf_setup.py OUT_DIR``: every rank runs
+``Trainer.evaluate()`` on the same 7 samples and writes its results to ``OUT_DIR/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from _reference import brute_force_bit_match, brute_force_exact_match
+from torch import Tensor
+from torchmetrics import Metric
+from transformers import Trainer, TrainingArguments
+
+from mllm_metrics import BitMatchAccuracy, ExactMatchAccuracy
+from mllm_metrics.demo import TinyLlavaForCausalLM, make_multimodal_batch, tiny_llava_config
+from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
+
+HAS_BATCH_EVAL_METRICS = "batch_eval_metrics" in inspect.signature(TrainingArguments).parameters
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# `tokenizer_model_max_length` of the tiny LLaVA-style model: rows with a long prompt lose
+# supervised answer tokens inside forward, and one row loses all of them.
+MAX_LENGTH = 9
+LLAVA_IMAGE_TOKEN = 63
+
+
+# ---- raw counts: each metric has its own state name (MetricCollection compute groups) ----------
+
+
+class SupervisedTokens(Metric):
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("supervised_tokens", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.supervised_tokens += (target != -100).sum()
+
+    def compute(self) -> Tensor:
+        return self.supervised_tokens
+
+
+class CorrectTokens(Metric):
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct_tokens", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.correct_tokens += ((preds == target) & (target != -100)).sum()
+
+    def compute(self) -> Tensor:
+        return self.correct_tokens
+
+
+class Rows(Metric):
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("rows", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.rows += target.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.rows
+
+
+def counting_metrics() -> dict[str, Metric]:
+    """Default-constructed metrics (sync_on_compute=True): StreamingMetrics must neutralise it."""
+    return {
+        "bit_match": BitMatchAccuracy(),
+        "exact_match": ExactMatchAccuracy(),
+        "supervised_tokens": SupervisedTokens(),
+        "correct_tokens": CorrectTokens(),
+        "rows": Rows(),
+    }
+
+
+# ---- the tiny LLaVA-style model (labels rewritten inside forward) --------------------------------
+
+
+def tiny_llava(**overrides) -> TinyLlavaForCausalLM:
+    torch.manual_seed(0)
+    overrides.setdefault("tokenizer_model_max_length", MAX_LENGTH)
+    return TinyLlavaForCausalLM(tiny_llava_config(**overrides)).eval()
+
+
+def collate_llava_style(rows: list[dict]) -> dict[str, Tensor]:
+    images = [row["image"] for row in rows if "image" in row]
+    return make_multimodal_batch(
+        [row["prompt"] for row in rows],
+        [row["answer"] for row in rows],
+        torch.cat(images) if images else None,
+    )
+
+
+@torch.no_grad()
+def _greedy(next_logits, prefix: list[int], length: int, banned: tuple[int, ...]) -> list[int]:
+    answer: list[int] = []
+    for _ in range(length):
+        logits = next_logits(prefix + answer).double()
+        logits[list(banned)] = -torch.inf
+        answer.append(int(logits.argmax()))
+    return answer
+
+
+def _corrupt(answer: list[int], row: int, vocab: int) -> list[int]:
+    """Make some answers differ from the greedy ones: bit-match < 1, exact-match < 1."""
+    wrong = answer.copy()
+    position = {1: -1, 2: 0}.get(row % 3)  # the last token, or the first (then the rest drift)
+    if position is not None:
+        wrong[position] = 3 + (wrong[position] - 2) % (vocab - 4)
+    return wrong
+
+
+def llava_style_rows(
+    model: TinyLlavaForCausalLM, count: int, seed: int = 0, greedy: bool = True
+) -> list[dict]:
+    """Rows ``{"prompt", "answer", "image"}``: one image each, prompts of 2 to 6 tokens.
+
+    The answers are the model's greedy tokens, some corrupted; random with ``greedy=False``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vocab, max_length = model.config.vocab_size, model.config.tokenizer_model_max_length
+    model.config.tokenizer_model_max_length = None  # greedy answers over the full sequence
+    rows = []
+    try:
+        for i in range(count):
+            image = torch.rand(1, 1, 8, 8, generator=generator)
+            prompt = [1, -200] + torch.randint(3, vocab, (i % 5,), generator=generator).tolist()
+
+            def next_logits(ids: list[int], image: Tensor = image) -> Tensor:
+                batch = make_multimodal_batch([ids], [[]], image)
+                return model(**batch).logits[0, -1]
+
+            if not greedy:
+                answer = torch.randint(3, vocab, (1 + i % 4,), generator=generator).tolist()
+                rows.append({"prompt": prompt, "answer": answer, "image": image})
+                continue
+            answer = _greedy(next_logits, prompt, 1 + i % 4, banned=(0, 1, 2))
+            rows.append({"prompt": prompt, "answer": _corrupt(answer, i, vocab), "image": image})
+    finally:
+        model.config.tokenizer_model_max_length = max_length
+    return rows
+
+
+def processed_labels_by_hand(model: TinyLlavaForCausalLM, batch: dict[str, Tensor]) -> Tensor:
+    """The labels a LLaVA-style forward aligns its logits with, built row by row."""
+    n = model.num_image_positions
+    max_length = model.config.tokenizer_model_max_length
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        row = []
+        for token, label, keep in zip(ids.tolist(), labels.tolist(), mask.tolist()):
+            if keep:
+                row += [-100] * n if token == -200 else [label]
+        rows.append(row[:max_length])
+    width = max(map(len, rows))
+    pad = [[-100] * (width - len(row)) for row in rows]
+    if model.config.tokenizer_padding_side == "right":
+        return torch.tensor([row + p for row, p in zip(rows, pad)])
+    return torch.tensor([p + row for row, p in zip(rows, pad)])
+
+
+# ---- a tiny Hugging Face LlavaForConditionalGeneration (labels already aligned) ------------------
+
+
+def _llava_class():
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def hf_llava_expands_inside() -> bool:
+    """True for releases (4.37) whose Llava expands one `<image>` token inside forward."""
+    return hasattr(_llava_class(), "_merge_input_ids_with_image_features")
+
+
+def tiny_hf_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    # 4.37 reads the padding side from `LlavaConfig.pad_token_id`.
+    extra = {"pad_token_id": 0} if hf_llava_expands_inside() else {"image_seq_length": 4}
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=LLAVA_IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        **extra,
+    )
+    torch.manual_seed(0)
+    return _llava_class()(config).eval()
+
+
+def collate_hf_llava(rows: list[dict]) -> dict[str, Tensor]:
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {
+        "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100),
+    }
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+        batch["labels"][i, :n] = torch.tensor(row["labels"])
+        batch["attention_mask"][i, :n] = 1
+    batch["pixel_values"] = torch.stack([row["pixel_values"] for row in rows])
+    return batch
+
+
+def hf_llava_rows(model, count: int, seed: int = 0) -> list[dict]:
+    """Rows of input ids and labels with image tokens, and their pixels.
+
+    In transformers 5 the processor expands `<image>` into 4 tokens (rows of several lengths);
+    4.37's Llava takes one `<image>` token and expands it inside forward (rows of one length:
+    its merge code does not handle right-padded rows).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    inside = hf_llava_expands_inside()
+    rows = []
+    for i in range(count):
+        pixels = torch.rand(3, 8, 8, generator=generator)
+        text = torch.randint(3, 60, (1 if inside else i % 3,), generator=generator).tolist()
+        prompt = [1] + [LLAVA_IMAGE_TOKEN] * (1 if inside else 4) + text
+
+        def next_logits(ids: list[int], pixels: Tensor = pixels) -> Tensor:
+            inputs = {"input_ids": torch.tensor([ids]), "pixel_values": pixels[None]}
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            return model(**inputs).logits[0, -1]
+
+        length = 3 if inside else 1 + i % 4
+        answer = _greedy(next_logits, prompt, length, banned=(0, 1, 2, LLAVA_IMAGE_TOKEN))
+        answer = _corrupt(answer, i, vocab - 1)
+        rows.append(
+            {
+                "input_ids": prompt + answer,
+                "labels": [-100] * len(prompt) + answer,
+                "pixel_values": pixels,
+            }
+        )
+    return rows
+
+
+def hf_llava_labels_by_hand(model, batch: dict[str, Tensor]) -> Tensor:
+    """The batch's labels, with each `<image>` token made 4 ignored positions in 4.37."""
+    if not hf_llava_expands_inside():
+        return batch["labels"]
+    rows = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        row = []
+        for token, label in zip(ids, labels):
+            row += [-100] * 4 if token == LLAVA_IMAGE_TOKEN else [label]
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+# ---- the independent reference -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference(model, rows: list[dict], batch_size: int, collate, aligned_labels) -> dict:
+    """Counts over the eval set, batch by batch as Trainer forms them, in plain Python."""
+    preds, targets, nll_sum = [], [], 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        logits = model(**batch).logits.double()
+        labels = aligned_labels(model, batch)
+        assert labels.shape == logits.shape[:2]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for row_logits, row_log_probs, row_labels in zip(logits, log_probs, labels.tolist()):
+            preds.append(row_logits[:-1].argmax(-1).tolist())
+            targets.append(row_labels[1:])
+            for t, label in enumerate(row_labels[1:]):
+                if label != -100:
+                    nll_sum -= float(row_log_probs[t, label])
+    correct, supervised = brute_force_bit_match(preds, targets, -100)
+    hits, counted = brute_force_exact_match(preds, targets, -100)
+    assert 0 < correct < supervised and 0 < hits < counted, "degenerate eval set"
+    return {
+        "bit_match": correct / supervised,
+        "exact_match": hits / counted,
+        "nll": nll_sum / supervised,
+        "correct_tokens": correct,
+        "supervised_tokens": supervised,
+        "rows": len(rows),
+    }
+
+
+def llava_style_reference(model, rows: list[dict], batch_size: int) -> dict:
+    return reference(model, rows, batch_size, collate_llava_style, processed_labels_by_hand)
+
+
+def hf_llava_reference(model, rows: list[dict], batch_size: int) -> dict:
+    return reference(model, rows, batch_size, collate_hf_llava, hf_llava_labels_by_hand)
+
+
+# ---- Trainer ------------------------------------------------------------------------------------
+
+
+def make_trainer(
+    model, rows, collate, streaming, output_dir, batch_eval_metrics: bool, **arguments
+) -> Trainer:
+    arguments = {
+        "output_dir": str(output_dir),
+        "per_device_eval_batch_size": 2,
+        "report_to": [],
+        "use_cpu": True,
+        "remove_unused_columns": False,
+        "disable_tqdm": True,
+        **arguments,
+    }
+    if batch_eval_metrics:
+        arguments["batch_eval_metrics"] = True
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**arguments),
+        eval_dataset=rows,
+        data_collator=collate,
+        compute_metrics=streaming,
+        preprocess_logits_for_metrics=streaming.preprocess_logits,
+    )
+
+
+def ddp_eval_set() -> tuple[TinyLlavaForCausalLM, list[dict]]:
+    model = tiny_llava()
+    return model, llava_style_rows(model, 7, seed=1)
+
+
+def _main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    model, rows = ddp_eval_set()
+    expose_processed_labels(model)
+    results = {}
+    modes = [False, True] if HAS_BATCH_EVAL_METRICS else [False]
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch_eval_metrics in modes:
+            streaming = StreamingMetrics(counting_metrics())
+            trainer = make_trainer(
+                model, rows, collate_llava_style, streaming, tmp, batch_eval_metrics
+            )
+            results[f"batch_eval_metrics={batch_eval_metrics}"] = [
+                trainer.evaluate(),
+                trainer.evaluate(),
+            ]
+            results["world_size"] = trainer.args.world_size
+            results["backend"] = torch.distributed.get_backend()
+    rank = int(os.environ["RANK"])
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

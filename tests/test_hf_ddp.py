@@ -1,0 +1,88 @@
+"""Trainer under real DDP: 2 CPU processes (torchrun, gloo) give exactly the single-process values.
+
+The eval set has 7 samples and 2 per device: the second process's last batch is padded with a
+duplicate of sample 0, which Trainer must drop, and each process's logits have their own length.
+The worker is `_hf_setup.py`; raw counts (supervised tokens, correct tokens, rows) show a doubled
+count or a duplicated sample that a ratio would hide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+from _hf_setup import (  # noqa: E402
+    HAS_BATCH_EVAL_METRICS,
+    collate_llava_style,
+    counting_metrics,
+    ddp_eval_set,
+    llava_style_reference,
+    make_trainer,
+)
+
+from mllm_metrics.hf import StreamingMetrics, expose_processed_labels  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+METRICS = ("bit_match", "exact_match", "supervised_tokens", "correct_tokens", "rows")
+
+
+@pytest.fixture(scope="module")
+def ranks_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("hf_ddp")
+    path = [str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", str(TESTS / "_hf_setup.py"), str(out_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> tuple[dict, dict]:
+    """The brute-force reference, and stock Trainer.evaluate() in this one process."""
+    model, rows = ddp_eval_set()
+    expected = llava_style_reference(model, rows, batch_size=2)
+    with expose_processed_labels(model):
+        streaming = StreamingMetrics(counting_metrics())
+        output_dir = tmp_path_factory.mktemp("hf_single")
+        trainer = make_trainer(model, rows, collate_llava_style, streaming, output_dir, False)
+        return expected, trainer.evaluate()
+
+
+def test_the_run_was_distributed(ranks_results):
+    for results in ranks_results:
+        assert results["world_size"] == 2 and results["backend"] == "gloo"
+    modes = [False, True] if HAS_BATCH_EVAL_METRICS else [False]
+    for mode in modes:
+        assert all(f"batch_eval_metrics={mode}" in results for results in ranks_results)
+
+
+@pytest.mark.parametrize("batch_eval_metrics", [False, True])
+def test_every_rank_gets_the_single_process_values(
+    batch_eval_metrics, ranks_results, single_process
+):
+    if batch_eval_metrics and not HAS_BATCH_EVAL_METRICS:
+        pytest.skip("this transformers release has no `batch_eval_metrics`")
+    expected, single = single_process
+    assert single["eval_rows"] == 7
+    for results in ranks_results:
+        first, second = results[f"batch_eval_metrics={batch_eval_metrics}"]
+        for run in (first, second):  # the second evaluate() starts from reset sums
+            # Raw counts: neither doubled by a second all-reduce nor inflated by the duplicate.
+            assert run["eval_rows"] == 7
+            assert run["eval_supervised_tokens"] == expected["supervised_tokens"]
+            assert run["eval_correct_tokens"] == expected["correct_tokens"]
+            for name in METRICS:
+                assert run[f"eval_{name}"] == single[f"eval_{name}"], name
+            assert run["eval_bit_match"] == pytest.approx(expected["bit_match"], rel=1e-6)
+            assert run["eval_exact_match"] == pytest.approx(expected["exact_match"], rel=1e-6)
+            assert run["eval_nll"] == pytest.approx(expected["nll"], rel=1e-5)
+            assert run["eval_nll"] == pytest.approx(single["eval_nll"], rel=1e-9)
