@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from _reference import brute_force_bit_match, brute_force_exact_match
+from _models import LLAVA_IMAGE_TOKEN, hf_llava_expands_inside
+from _reference import brute_force_bit_match, brute_force_exact_match, processed_labels_by_hand
 from torch import Tensor
 from torchmetrics import Metric
 from transformers import Trainer, TrainingArguments
@@ -35,7 +36,6 @@ TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # `tokenizer_model_max_length` of the tiny LLaVA-style model: rows with a long prompt lose
 # supervised answer tokens inside forward, and one row loses all of them.
 MAX_LENGTH = 9
-LLAVA_IMAGE_TOKEN = 63
 
 
 # ---- raw counts: each metric has its own state name (MetricCollection compute groups) ----------
@@ -162,72 +162,7 @@ def llava_style_rows(
     return rows
 
 
-def processed_labels_by_hand(model: TinyLlavaForCausalLM, batch: dict[str, Tensor]) -> Tensor:
-    """The labels a LLaVA-style forward aligns its logits with, built row by row."""
-    n = model.num_image_positions
-    max_length = model.config.tokenizer_model_max_length
-    rows = []
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        row = []
-        for token, label, keep in zip(ids.tolist(), labels.tolist(), mask.tolist()):
-            if keep:
-                row += [-100] * n if token == -200 else [label]
-        rows.append(row[:max_length])
-    width = max(map(len, rows))
-    pad = [[-100] * (width - len(row)) for row in rows]
-    if model.config.tokenizer_padding_side == "right":
-        return torch.tensor([row + p for row, p in zip(rows, pad)])
-    return torch.tensor([p + row for row, p in zip(rows, pad)])
-
-
 # ---- a tiny Hugging Face LlavaForConditionalGeneration (labels already aligned) ------------------
-
-
-def _llava_class():
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
-
-
-def hf_llava_expands_inside() -> bool:
-    """True for releases (4.37) whose Llava expands one `<image>` token inside forward."""
-    return hasattr(_llava_class(), "_merge_input_ids_with_image_features")
-
-
-def tiny_hf_llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        projection_dim=16,
-    )
-    text = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    # 4.37 reads the padding side from `LlavaConfig.pad_token_id`.
-    extra = {"pad_token_id": 0} if hf_llava_expands_inside() else {"image_seq_length": 4}
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=LLAVA_IMAGE_TOKEN,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        **extra,
-    )
-    torch.manual_seed(0)
-    return _llava_class()(config).eval()
 
 
 def collate_hf_llava(rows: list[dict]) -> dict[str, Tensor]:

@@ -57,8 +57,13 @@ def logits_for(
     return logits.to(dtype)
 
 
-def processed_labels_by_hand(model, batch, max_length=None, padding_side="right"):
-    """The labels a LLaVA-style forward aligns its logits with, built row by row."""
+def processed_labels_by_hand(model, batch, max_length=None, padding_side=None):
+    """The labels a LLaVA-style forward aligns its logits with, built row by row.
+
+    Truncation and padding side default to the model's config.
+    """
+    max_length = max_length or model.config.tokenizer_model_max_length
+    padding_side = padding_side or model.config.tokenizer_padding_side
     n = model.num_image_positions
     rows = []
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):

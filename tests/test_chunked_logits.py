@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import LLAVA_IMAGE_TOKEN, hf_llava_expands_inside, tiny_hf_llava, tiny_llama
 from _reference import favour_token
 from torch import nn
 from torch.utils.data import DataLoader
@@ -50,41 +51,15 @@ def _llava_batches():
 
 
 def _hf_llava():
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if hf_llava_expands_inside():
         pytest.skip("transformers 4.x Llava merges image features inside forward: not splittable")
-    torch.manual_seed(0)
-    text = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        projection_dim=16,
-    )
-    config = transformers.LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=63,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    model = favour_token(transformers.LlavaForConditionalGeneration(config), bias=0.5).eval()
+    model = favour_token(tiny_hf_llava(), bias=0.5)
     generator = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(2):
         words = torch.tensor([5, 5, 9])[torch.randint(3, (2, 7), generator=generator)]
-        input_ids = torch.cat([words[:, :1], torch.full((2, 4), 63), words[:, 1:]], 1)
+        image = torch.full((2, 4), LLAVA_IMAGE_TOKEN)
+        input_ids = torch.cat([words[:, :1], image, words[:, 1:]], 1)
         labels = input_ids.clone()
         labels[:, :6] = -100
         batches.append(
@@ -98,16 +73,7 @@ def _hf_llava():
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=16,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     generator = torch.Generator().manual_seed(2)
     batches = []
     for _ in range(3):

@@ -33,9 +33,9 @@ from _hf_setup import (  # noqa: E402
     llava_style_reference,
     llava_style_rows,
     make_trainer,
-    tiny_hf_llava,
     tiny_llava,
 )
+from _models import tiny_hf_llava  # noqa: E402
 
 from mllm_metrics import BitMatchAccuracy  # noqa: E402
 from mllm_metrics.hf import IGNORED_OUTPUT_KEYS, StreamingMetrics, expose_processed_labels  # noqa: E402

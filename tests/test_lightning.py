@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _models import LLAVA_IMAGE_TOKEN, hf_llava_expands_inside, tiny_hf_llava, tiny_llama
 from _reference import (
     brute_force_bit_match,
     brute_force_exact_match,
@@ -129,44 +130,14 @@ def test_hugging_face_llava():
     """transformers 5 expects the processor's expanded image tokens: labels are aligned as they
     come. transformers 4.37 expands one <image> token inside forward, in
     `_merge_input_ids_with_image_features`, whose labels are recorded."""
-    expands_inside = int(transformers.__version__.split(".")[0]) < 5
-    torch.manual_seed(0)
-    text = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        projection_dim=16,
-    )
-    image_token, image_positions = 63, 4
-    config = transformers.LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        image_seq_length=4,
-    )
-    model = favour_token(transformers.LlavaForConditionalGeneration(config), bias=0.5).eval()
+    expands_inside = hf_llava_expands_inside()
+    model = favour_token(tiny_hf_llava(), bias=0.5)
     generator = torch.Generator().manual_seed(1)
-    placeholders = 1 if expands_inside else image_positions
+    placeholders = 1 if expands_inside else 4
     batches = []
     for _ in range(2):
         words = torch.tensor([5, 5, 9])[torch.randint(3, (2, 7), generator=generator)]
-        image = torch.full((2, placeholders), image_token)
+        image = torch.full((2, placeholders), LLAVA_IMAGE_TOKEN)
         input_ids = torch.cat([words[:, :1], image, words[:, 1:]], 1)
         labels = input_ids.clone()
         labels[:, : 2 + placeholders] = -100  # the prompt and the image
@@ -183,25 +154,11 @@ def test_hugging_face_llava():
         if not expands_inside:
             return batch["labels"]
         labels = batch["labels"]
-        expanded = torch.full((2, image_positions), -100)
-        return torch.cat([labels[:, :1], expanded, labels[:, 2:]], dim=1)
+        return torch.cat([labels[:, :1], torch.full((2, 4), -100), labels[:, 2:]], dim=1)
 
     expected = _reference(model, batches, labels_for)
     [results] = _trainer().validate(MultimodalLMModule(model), _loader(batches), verbose=False)
     _assert_logged(results, expected)
-
-
-def _tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=16,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def _text_batches(count: int = 3):
@@ -216,7 +173,7 @@ def _text_batches(count: int = 3):
 
 
 def test_plain_text_llama():
-    model, batches = _tiny_llama(), _text_batches()
+    model, batches = tiny_llama(), _text_batches()
     expected = _reference(model, batches, lambda batch, logits: batch["labels"])
     [results] = _trainer().validate(MultimodalLMModule(model), _loader(batches), verbose=False)
     _assert_logged(results, expected)
@@ -227,7 +184,7 @@ class _ReturnsItsLabels(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = _tiny_llama()
+        self.inner = tiny_llama()
 
     def forward(self, input_ids, labels):
         input_ids = torch.cat([torch.zeros_like(input_ids[:, :2]), input_ids], dim=1)
@@ -259,7 +216,7 @@ class _CharTokenizer:
 
 
 def test_text_metrics_with_a_tokenizer():
-    model, batches = _tiny_llama(), _text_batches()
+    model, batches = tiny_llama(), _text_batches()
     tokenizer = _CharTokenizer()
     text_correct = text_total = text_hits = text_count = 0
     with torch.no_grad():
@@ -294,14 +251,14 @@ def test_several_dataloaders_keep_separate_states_and_keys():
 
 
 def test_test_stage_logs_test_keys():
-    model, batches = _tiny_llama(), _text_batches()
+    model, batches = tiny_llama(), _text_batches()
     expected = _reference(model, batches, lambda batch, logits: batch["labels"])
     [results] = _trainer().test(MultimodalLMModule(model), _loader(batches), verbose=False)
     _assert_logged(results, {k.replace("val/", "test/"): v for k, v in expected.items()})
 
 
 def test_two_validations_in_a_row_reset_the_states():
-    model, batches = _tiny_llama(), _text_batches()
+    model, batches = tiny_llama(), _text_batches()
     module, trainer = MultimodalLMModule(model), _trainer()
     [first] = trainer.validate(module, _loader(batches), verbose=False)
     [second] = trainer.validate(module, _loader(batches), verbose=False)
@@ -309,7 +266,7 @@ def test_two_validations_in_a_row_reset_the_states():
 
 
 def test_training_returns_and_logs_the_model_loss():
-    model, batches = _tiny_llama(), _text_batches()
+    model, batches = tiny_llama(), _text_batches()
     model.train()
     module = MultimodalLMModule(model, learning_rate=0.05, weight_decay=0.01)
     optimizer = module.configure_optimizers()
@@ -330,7 +287,7 @@ def test_unalignable_labels_give_a_clear_error():
 
         def __init__(self) -> None:
             super().__init__()
-            self.inner = _tiny_llama()
+            self.inner = tiny_llama()
 
         def forward(self, input_ids, labels):
             input_ids = torch.cat([torch.zeros_like(input_ids[:, :2]), input_ids], dim=1)
@@ -347,13 +304,13 @@ def test_unalignable_labels_give_a_clear_error():
 def test_batches_without_labels_are_rejected():
     batches = [{"input_ids": batch["input_ids"]} for batch in _text_batches(1)]
     with pytest.raises(ValueError, match="no `labels`"):
-        _trainer().validate(MultimodalLMModule(_tiny_llama()), _loader(batches))
+        _trainer().validate(MultimodalLMModule(tiny_llama()), _loader(batches))
 
 
 def test_custom_metrics_are_used():
     from torchmetrics.classification import MulticlassAccuracy
 
-    model, batches = _tiny_llama(), _text_batches()
+    model, batches = tiny_llama(), _text_batches()
     metric = MulticlassAccuracy(num_classes=16, average="micro", ignore_index=-100)
     module = MultimodalLMModule(model, metrics={"accuracy": metric})
     [results] = _trainer().validate(module, _loader(batches), verbose=False)
