@@ -317,3 +317,17 @@ def test_custom_metrics_are_used():
     expected = _reference(model, batches, lambda batch, logits: batch["labels"])
     assert results["val/accuracy"] == pytest.approx(expected["val/bit_match"])
     assert not math.isnan(results["val/loss"])
+
+
+def test_a_metric_collection_keeps_its_keys():
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+
+    model, batches = tiny_llama(), _text_batches()
+    collection = MetricCollection(
+        {"accuracy": MulticlassAccuracy(num_classes=16, average="micro", ignore_index=-100)}
+    )
+    [results] = _trainer().validate(
+        MultimodalLMModule(model, metrics=collection), _loader(batches), verbose=False
+    )
+    assert set(results) == {"val/loss", "val/accuracy"}

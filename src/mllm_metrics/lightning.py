@@ -110,7 +110,12 @@ class MultimodalLMModule(pl.LightningModule):
         self.text_alphabet = text_alphabet
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        template = causal_lm_metrics(ignore_index) if metrics is None else MetricCollection(metrics)
+        if metrics is None:
+            template = causal_lm_metrics(ignore_index)
+        elif isinstance(metrics, MetricCollection):
+            template = metrics
+        else:
+            template = MetricCollection(metrics)
         # Kept out of the module tree: only its copies hold states that Lightning logs.
         self._metrics_template = (template,)
         self.eval_metrics = nn.ModuleDict()
