@@ -365,10 +365,14 @@ def test_collection_keeps_the_two_metrics_apart():
 
 
 def test_collection_kwargs_reach_both_metrics():
-    collection = causal_lm_metrics(ignore_index=0, sync_on_compute=False, validate_args=False)
+    collection = causal_lm_metrics(ignore_index=0, sync_on_compute=False)
     for metric in collection.values():
-        assert metric.ignore_index == 0 and metric.validate_args is False
-        assert metric.sync_on_compute is False
+        assert metric.ignore_index == 0 and metric.sync_on_compute is False
+    with pytest.raises(ValueError, match="negative label -5"):  # checked once, by the collection
+        collection.update(torch.tensor([[1, 2]]), torch.tensor([[1, -5]]))
+    assert all(value.item() == 0 for m in collection.values() for value in m.metric_state.values())
+    unchecked = causal_lm_metrics(validate_args=False)
+    unchecked.update(torch.tensor([[1, 2]]), torch.tensor([[1, -5]]))
 
 
 @pytest.mark.parametrize("metric_class", TOKEN_METRICS)

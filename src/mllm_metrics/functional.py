@@ -88,10 +88,10 @@ def _check_token_inputs(
 
 
 def _check_label_values(target: Tensor, ignore_index: int, vocab_size: int | None) -> None:
-    invalid = (target < 0) & (target != ignore_index)
+    invalid = target.lt(0).logical_and_(target.ne(ignore_index))
     if vocab_size is not None:
-        invalid |= target >= vocab_size
-    if bool(invalid.any()):
+        invalid.logical_or_(target.ge(vocab_size))
+    if invalid.count_nonzero():  # the one host sync of an update
         value = int(target[invalid][0])
         if value < 0:
             raise ValueError(
@@ -146,12 +146,17 @@ def _bit_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple
     return correct, supervised.sum()
 
 
-def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _exact_match_update(
+    preds: Tensor, target: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor]:
     """Count rows whose supervised positions all match, and rows with a supervised position."""
+    if target.shape[1] == 0:  # amax needs a non-empty dim; no row has a supervised position
+        zero = target.new_zeros((), dtype=torch.long)
+        return zero, zero
     supervised = target != ignore_index
-    any_wrong = (preds != target).logical_and_(supervised).any(dim=1)
-    counted = supervised.any(dim=1)
-    return counted.logical_and(any_wrong.logical_not_()).sum(), counted.sum()
+    wrong = (preds != target).logical_and_(supervised)
+    counted, any_wrong = supervised.amax(dim=1), wrong.amax(dim=1)  # amax: a faster `any`
+    return counted.gt(any_wrong).sum(), counted.sum()  # on bools, a > b is a and not b
 
 
 def _token_nll_update(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:

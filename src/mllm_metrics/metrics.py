@@ -65,8 +65,8 @@ class _CountRatio(Metric):
 
     def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
         # Both counts are computed before either state changes, so a rejected batch changes none.
-        setattr(self, self._numerator_state, getattr(self, self._numerator_state) + numerator)
-        setattr(self, self._denominator_state, getattr(self, self._denominator_state) + denominator)
+        getattr(self, self._numerator_state).add_(numerator)
+        getattr(self, self._denominator_state).add_(denominator)
 
     def compute(self) -> Tensor:
         """The ratio of the two summed counts, or ``zero_division`` when the denominator is 0."""
@@ -342,23 +342,26 @@ class TextExactMatch(_CountRatio):
 
 
 class _CausalLMMetrics(MetricCollection):
-    """A ``MetricCollection`` that turns logits into token ids once for all its metrics.
+    """A ``MetricCollection`` that checks the inputs and takes the argmax once for its metrics.
 
-    Each token metric would otherwise take its own argmax over the vocabulary, the one costly
-    step of an update.
+    The checks (a host sync with ``validate_args``) and the argmax over the vocabulary are the
+    costly steps of an update; the metrics inside skip their own checks.
     """
 
     def __init__(
-        self, metrics: dict[str, Metric], ignore_index: int, validate_args: bool, **kwargs: Any
+        self,
+        metrics: dict[str, Metric],
+        ignore_index: int,
+        validate_args: bool,
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(metrics, **kwargs)
+        super().__init__(metrics, prefix=prefix)
         self._ignore_index = ignore_index
         self._validate_args = validate_args
 
     def _ids(self, preds: Tensor, target: Tensor) -> Tensor:
-        if isinstance(preds, Tensor) and preds.ndim == 3:
-            _check_token_inputs(preds, target, self._ignore_index, self._validate_args)
-        return _argmax_ids(preds) if isinstance(preds, Tensor) else preds
+        _check_token_inputs(preds, target, self._ignore_index, self._validate_args)
+        return _argmax_ids(preds)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Update every metric with the argmax ids of ``preds``."""
@@ -374,7 +377,7 @@ def causal_lm_metrics(
 ) -> MetricCollection:
     """The two token metrics of a causal LM, as one ``MetricCollection``.
 
-    Logits are reduced to token ids once for both metrics.
+    The inputs are checked and logits reduced to token ids once for both metrics.
 
     Args:
         ignore_index: label value of unsupervised positions.
@@ -393,12 +396,11 @@ def causal_lm_metrics(
         {'val/bit_match': 0.75, 'val/exact_match': 0.5}
 
     """
+    validate_args = kwargs.pop("validate_args", True)
+    kwargs |= {"ignore_index": ignore_index, "validate_args": False}  # checked by the collection
     return _CausalLMMetrics(
-        {
-            "bit_match": BitMatchAccuracy(ignore_index=ignore_index, **kwargs),
-            "exact_match": ExactMatchAccuracy(ignore_index=ignore_index, **kwargs),
-        },
+        {"bit_match": BitMatchAccuracy(**kwargs), "exact_match": ExactMatchAccuracy(**kwargs)},
         ignore_index=ignore_index,
-        validate_args=kwargs.get("validate_args", True),
+        validate_args=validate_args,
         prefix=prefix,
     )
