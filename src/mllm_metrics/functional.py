@@ -146,9 +146,7 @@ def _bit_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple
     return correct, supervised.sum()
 
 
-def _exact_match_update(
-    preds: Tensor, target: Tensor, ignore_index: int
-) -> tuple[Tensor, Tensor]:
+def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Count rows whose supervised positions all match, and rows with a supervised position."""
     if target.shape[1] == 0:  # amax needs a non-empty dim; no row has a supervised position
         zero = target.new_zeros((), dtype=torch.long)
