@@ -331,3 +331,13 @@ def test_a_metric_collection_keeps_its_keys():
         MultimodalLMModule(model, metrics=collection), _loader(batches), verbose=False
     )
     assert set(results) == {"val/loss", "val/accuracy"}
+
+
+def test_validate_then_fit_with_the_same_module():
+    # Metrics created in validate() hold inference-mode tensors; fit's validation runs under
+    # no_grad, where an in-place update of those tensors fails.
+    model, batches = tiny_llama(), _text_batches()
+    module, trainer = MultimodalLMModule(model), _trainer(max_epochs=1, limit_train_batches=2)
+    [before] = trainer.validate(module, _loader(batches), verbose=False)
+    trainer.fit(module, _loader(batches), _loader(batches))
+    assert "val/bit_match" in trainer.callback_metrics and "val/bit_match" in before

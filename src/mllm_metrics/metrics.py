@@ -65,8 +65,10 @@ class _CountRatio(Metric):
 
     def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
         # Both counts are computed before either state changes, so a rejected batch changes none.
-        getattr(self, self._numerator_state).add_(numerator)
-        getattr(self, self._denominator_state).add_(denominator)
+        # Out of place: states created under inference mode (a first `trainer.validate`) cannot
+        # be updated in place later, outside it (validation inside `fit` runs under no_grad).
+        setattr(self, self._numerator_state, getattr(self, self._numerator_state) + numerator)
+        setattr(self, self._denominator_state, getattr(self, self._denominator_state) + denominator)
 
     def compute(self) -> Tensor:
         """The ratio of the two summed counts, or ``zero_division`` when the denominator is 0."""
