@@ -1,0 +1,201 @@
+"""The demo's ``--backend hf``: the same model and data through the stock ``transformers.Trainer``.
+
+Nothing is subclassed or overridden: :func:`mllm_metrics.hf.expose_processed_labels` makes the
+model's outputs carry its processed labels, and :class:`mllm_metrics.hf.StreamingMetrics` is
+passed as ``compute_metrics=`` with its ``preprocess_logits`` as
+``preprocess_logits_for_metrics=`` and ``TrainingArguments(batch_eval_metrics=True)``. The text
+metrics decode the gathered token ids with the demo's tokenizer (:class:`DecodedTextBitMatch`,
+:class:`DecodedTextExactMatch`), so they report what the Lightning module reports.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from mllm_metrics.metrics import (
+    BitMatchAccuracy,
+    ExactMatchAccuracy,
+    TextBitMatchAccuracy,
+    TextExactMatch,
+)
+
+if TYPE_CHECKING:
+    from mllm_metrics.demo.cli import DemoConfig
+
+__all__ = ["DecodedTextBitMatch", "DecodedTextExactMatch", "train_hf"]
+
+# ``Trainer.evaluate()`` key -> the demo's column.
+_COLUMNS = {
+    "eval_nll": "val/loss",
+    "eval_bit_match": "val/bit_match",
+    "eval_exact_match": "val/exact_match",
+    "eval_text_bit_match": "val/text_bit_match",
+    "eval_text_exact_match": "val/text_exact_match",
+}
+
+
+def _decode_supervised(
+    tokenizer: Any, preds: Tensor, target: Tensor, ignore_index: int
+) -> tuple[list[str], list[str]]:
+    """Decode the supervised span of each row that has one (as ``MultimodalLMModule`` does)."""
+    supervised = target != ignore_index
+    rows = supervised.any(dim=1).nonzero().flatten().tolist()
+    predicted = [preds[row][supervised[row]].tolist() for row in rows]
+    expected = [target[row][supervised[row]].tolist() for row in rows]
+    return (
+        tokenizer.batch_decode(predicted, skip_special_tokens=True),
+        tokenizer.batch_decode(expected, skip_special_tokens=True),
+    )
+
+
+class DecodedTextBitMatch(TextBitMatchAccuracy):
+    """:class:`~mllm_metrics.TextBitMatchAccuracy` fed token ids, decoded with a tokenizer.
+
+    ``update(preds, target)`` takes ``(B, L)`` token ids and labels (after the causal shift),
+    decodes each row's supervised span (``skip_special_tokens=True``) and compares the strings.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        alphabet: characters kept before comparing (e.g. ``"01"``); None keeps all.
+        ignore_index: label of unsupervised positions.
+        **kwargs: passed to :class:`~mllm_metrics.TextBitMatchAccuracy`.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics.demo.data import char_tokenizer
+        >>> metric = DecodedTextBitMatch(char_tokenizer(), alphabet="01")
+        >>> metric.update(torch.tensor([[9, 4, 4, 2]]), torch.tensor([[-100, 4, 5, 2]]))
+        >>> metric.compute()  # "00" against "01"
+        tensor(0.5000)
+    """
+
+    def __init__(
+        self, tokenizer: Any, alphabet: str | None = None, ignore_index: int = -100, **kwargs: Any
+    ) -> None:
+        super().__init__(alphabet=alphabet, **kwargs)
+        self.tokenizer = tokenizer
+        self.ignore_index = ignore_index
+
+    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        """Decode the supervised spans and add their character counts."""
+        super().update(*_decode_supervised(self.tokenizer, preds, target, self.ignore_index))
+
+
+class DecodedTextExactMatch(TextExactMatch):
+    """:class:`~mllm_metrics.TextExactMatch` fed token ids, decoded with a tokenizer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        ignore_index: label of unsupervised positions.
+        **kwargs: passed to :class:`~mllm_metrics.TextExactMatch`.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics.demo.data import char_tokenizer
+        >>> metric = DecodedTextExactMatch(char_tokenizer())
+        >>> metric.update(torch.tensor([[9, 4, 5, 2]]), torch.tensor([[-100, 4, 5, 2]]))
+        >>> metric.compute()
+        tensor(1.)
+    """
+
+    def __init__(self, tokenizer: Any, ignore_index: int = -100, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tokenizer = tokenizer
+        self.ignore_index = ignore_index
+
+    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        """Decode the supervised spans and count the equal strings."""
+        super().update(*_decode_supervised(self.tokenizer, preds, target, self.ignore_index))
+
+
+def train_hf(
+    config: DemoConfig, model: nn.Module, tokenizer: Any, train: Any, val: Any
+) -> list[dict[str, float]]:
+    """Train and validate with ``transformers.Trainer`` and ``StreamingMetrics``.
+
+    The settings mirror the Lightning backend: AdamW with a cosine decay and no warmup, no
+    weight decay, no gradient clipping, the same micro-batches in the same order (gradient
+    accumulation), validation before training and every ``config.val_every`` steps.
+
+    Args:
+        config: the demo configuration.
+        model: the demo's model.
+        tokenizer: the demo's tokenizer.
+        train: the training set.
+        val: the validation set.
+
+    Returns:
+        One dict per validation: ``step`` and the demo's columns (``val/loss`` is
+        ``eval_nll``, the token-weighted NLL of the processed labels).
+    """
+    from transformers import Trainer, TrainingArguments
+
+    from mllm_metrics.demo.data import BitImageCollator, StepSampler
+    from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
+
+    streaming = StreamingMetrics(
+        {
+            "bit_match": BitMatchAccuracy(),
+            "exact_match": ExactMatchAccuracy(),
+            "text_bit_match": DecodedTextBitMatch(tokenizer, alphabet="01"),
+            "text_exact_match": DecodedTextExactMatch(tokenizer),
+        }
+    )
+    step_rows = {"batch_size": config.batch_size, "micro_batches": config.micro_batches}
+    supported = inspect.signature(TrainingArguments).parameters
+    # Keyword arguments that older transformers releases lack.
+    optional = {
+        "batch_eval_metrics": True,
+        "train_sampling_strategy": "sequential",
+        "eval_on_start": True,
+    }
+    with tempfile.TemporaryDirectory() as output_dir, expose_processed_labels(model):
+        args = TrainingArguments(
+            output_dir=output_dir,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size // config.micro_batches,
+            gradient_accumulation_steps=config.micro_batches,
+            per_device_eval_batch_size=64,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            eval_strategy="steps",
+            eval_steps=config.val_every,
+            logging_steps=config.val_every,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=config.seed,
+            remove_unused_columns=False,  # the collator needs the rows' `image` and `answer`
+            dataloader_num_workers=0,
+            disable_tqdm=not config.progress_bar,
+            **{name: value for name, value in optional.items() if name in supported},
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            # The Lightning backend's micro-batches, in order (`StepSampler`'s order).
+            train_dataset=Subset(train, list(StepSampler(train, **step_rows))),
+            eval_dataset=val,
+            data_collator=BitImageCollator(tokenizer),
+            compute_metrics=streaming,
+            preprocess_logits_for_metrics=streaming.preprocess_logits,
+        )
+        if "eval_on_start" not in supported:
+            trainer.evaluate()
+        trainer.train()
+        if config.max_steps % config.val_every:
+            trainer.evaluate()
+    history: dict[int, dict[str, float]] = {}
+    for entry in trainer.state.log_history:
+        if "eval_bit_match" in entry:
+            row = {"step": float(entry["step"])}
+            row.update({column: float(entry[key]) for key, column in _COLUMNS.items()})
+            history[int(entry["step"])] = row
+    return [history[step] for step in sorted(history)]
