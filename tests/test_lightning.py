@@ -179,23 +179,25 @@ def test_plain_text_llama():
     _assert_logged(results, expected)
 
 
-class _ReturnsItsLabels(nn.Module):
-    """Rewrites labels like LLaVA (two -100 positions in front) and returns them itself."""
+class _RewritesLabels(nn.Module):
+    """Rewrites labels like LLaVA (two -100 positions in front); may return them itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, returns_labels: bool = True) -> None:
         super().__init__()
         self.inner = tiny_llama()
+        self.returns_labels = returns_labels
 
     def forward(self, input_ids, labels):
         input_ids = torch.cat([torch.zeros_like(input_ids[:, :2]), input_ids], dim=1)
         labels = torch.cat([torch.full_like(labels[:, :2], -100), labels], dim=1)
         outputs = self.inner(input_ids=input_ids, labels=labels)
-        outputs["processed_labels"] = labels
+        if self.returns_labels:
+            outputs["processed_labels"] = labels
         return outputs
 
 
 def test_model_that_returns_its_labels():
-    model, batches = _ReturnsItsLabels().eval(), _text_batches()
+    model, batches = _RewritesLabels().eval(), _text_batches()
 
     def labels_for(batch, logits):
         return torch.cat([torch.full((4, 2), -100), batch["labels"]], dim=1)
@@ -282,20 +284,11 @@ def test_training_returns_and_logs_the_model_loss():
 
 
 def test_unalignable_labels_give_a_clear_error():
-    class HidesItsLabels(nn.Module):
-        """Rewrites its labels (like LLaVA) but neither returns them nor uses a known method."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = tiny_llama()
-
-        def forward(self, input_ids, labels):
-            input_ids = torch.cat([torch.zeros_like(input_ids[:, :2]), input_ids], dim=1)
-            labels = torch.cat([torch.full_like(labels[:, :2], -100), labels], dim=1)
-            return self.inner(input_ids=input_ids, labels=labels)
-
+    # It rewrites its labels (like LLaVA) but neither returns them nor uses a known method.
     with pytest.raises(ValueError) as error:
-        _trainer().validate(MultimodalLMModule(HidesItsLabels()), _loader(_text_batches()))
+        _trainer().validate(
+            MultimodalLMModule(_RewritesLabels(returns_labels=False)), _loader(_text_batches())
+        )
     message = str(error.value)
     assert "(4, 8, 16)" in message and "(4, 6)" in message
     assert "processed_labels" in message and "prepare_inputs_labels_for_multimodal" in message
