@@ -157,12 +157,24 @@ def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tup
     return counted.gt(any_wrong).sum(), counted.sum()  # on bools, a > b is a and not b
 
 
+def _row_nll(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Summed NLL of each row's supervised labels (float32, as ``ForCausalLMLoss`` upcasts).
+
+    One row at a time, so at most one ``L x V`` float32 copy of the logits exists at once.
+    """
+    rows = [
+        torch.nn.functional.cross_entropy(
+            row_logits.float(), row_target, ignore_index=ignore_index, reduction="sum"
+        )
+        for row_logits, row_target in zip(logits, target)
+    ]
+    return torch.stack(rows) if rows else logits.new_zeros(0, dtype=torch.float32)
+
+
 def _token_nll_update(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Summed negative log-likelihood of the supervised labels (float64), and their count."""
-    nll = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index, reduction="sum"
-    )
-    return nll.double(), (target != ignore_index).sum()
+    nll = _row_nll(logits, target, ignore_index).sum(dtype=torch.float64)
+    return nll, (target != ignore_index).sum()
 
 
 def _ratio(numerator: Tensor, denominator: Tensor, zero_division: float) -> Tensor:

@@ -48,11 +48,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
-from mllm_metrics.functional import _check_label_values, causal_shift
+from mllm_metrics.functional import _check_label_values, _row_nll, causal_shift
 from mllm_metrics.labels import PREPARE_METHOD, PROCESSED_LABELS_FIELD, ProcessedLabelsHandle
 from mllm_metrics.labels import expose_processed_labels as _expose_labels
 from mllm_metrics.metrics import TokenNLL, causal_lm_metrics
@@ -217,21 +216,6 @@ def _split_model_outputs(outputs: Any) -> tuple[Tensor, Tensor | None]:
                 labels = value
                 break
     return logits, labels
-
-
-def _row_nll(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """Summed NLL of each row's supervised positions, as ``ForCausalLMLoss`` computes it.
-
-    One row at a time and in float32 (the loss's own upcast), so at most one ``L x V`` float32
-    copy of the logits exists at once.
-    """
-    rows = [
-        F.cross_entropy(row_logits.float(), row_target, ignore_index=ignore_index, reduction="sum")
-        for row_logits, row_target in zip(logits, target)
-    ]
-    if not rows:
-        return logits.new_zeros(0, dtype=torch.float32)
-    return torch.stack(rows)
 
 
 def _to_tensor(value: Any) -> Tensor:
