@@ -29,6 +29,37 @@ _PROCESSED_LABELS_HINT = (
 )
 
 
+def _is_signed_integer(tensor: Tensor) -> bool:
+    """The one dtype rule for token ids and labels: signed integers of any width.
+
+    ``bool`` and unsigned types are excluded: a ``uint8`` label of -100 wraps to 156, so a real
+    label 156 would be ignored, and ``bool`` "ids" are almost always a mask passed by mistake.
+    """
+    return tensor.dtype.is_signed and not tensor.is_floating_point() and not tensor.is_complex()
+
+
+def _check_labels_dtype(target: Tensor, name: str = "target") -> None:
+    """Raise a clear error unless ``target`` holds labels of a signed integer type."""
+    if _is_signed_integer(target):
+        return
+    if target.is_floating_point() or target.is_complex():
+        cause = (
+            "logits or probabilities passed as the labels; the labels go second: "
+            "`update(preds, target)`"
+        )
+    elif target.dtype == torch.bool:
+        cause = "an attention or supervision mask passed instead of the labels"
+    else:
+        cause = (
+            f"labels stored as {target.dtype}, which cannot hold the negative `ignore_index` "
+            "(-100 wraps around to a real token id); keep them int64 (or any signed int)"
+        )
+    raise TypeError(
+        f"Expected `{name}` to hold token labels of a signed integer dtype (int64, int32, ...), "
+        f"got dtype {target.dtype}. Likely cause: {cause}."
+    )
+
+
 def _check_token_inputs(
     preds: Tensor, target: Tensor, ignore_index: int, validate_args: bool = True
 ) -> None:
@@ -43,12 +74,7 @@ def _check_token_inputs(
             "Expected `preds` and `target` to be torch.Tensor, got "
             f"{type(preds).__name__} and {type(target).__name__}."
         )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"Expected `target` to hold integer token ids (e.g. int64 labels), got dtype "
-            f"{target.dtype}. Likely cause: logits or probabilities passed as `target`; the "
-            "labels go second: `update(preds, target)`."
-        )
+    _check_labels_dtype(target)
     if target.ndim != 2:
         raise ValueError(
             f"Expected `target` of shape (batch, seq_len), got shape {tuple(target.shape)}."
@@ -60,6 +86,12 @@ def _check_token_inputs(
                 "token ids of shape (batch, seq_len) or floating-point logits of shape "
                 "(batch, seq_len, vocab_size). Likely cause: per-token scores or losses were "
                 "passed instead of predictions; take `logits.argmax(-1)` or pass the logits."
+            )
+        if not _is_signed_integer(preds):
+            raise TypeError(
+                f"Got `preds` of dtype {preds.dtype}: token ids must be of a signed integer "
+                "dtype (int64, int32, ...). Likely cause: a mask (bool) or an image (uint8) "
+                "passed instead of the predicted ids, e.g. `preds == target` instead of `preds`."
             )
     elif preds.ndim == 3:
         if not preds.is_floating_point():
@@ -83,14 +115,21 @@ def _check_token_inputs(
             f"`preds` are on {preds.device} but `target` is on {target.device}; move both to "
             "the same device."
         )
+    if preds.device.type == "meta":
+        raise ValueError(
+            "Got `preds` and `target` on the meta device: they hold no values to count. Likely "
+            "cause: a model built under `torch.device('meta')` (or with `init_empty_weights`) "
+            "whose weights were never loaded."
+        )
     if validate_args:
         _check_label_values(target, ignore_index, preds.shape[2] if preds.ndim == 3 else None)
 
 
 def _check_label_values(target: Tensor, ignore_index: int, vocab_size: int | None) -> None:
-    invalid = target.lt(0).logical_and_(target.ne(ignore_index))
+    invalid = target.lt(0)
     if vocab_size is not None:
         invalid.logical_or_(target.ge(vocab_size))
+    invalid.logical_and_(target.ne(ignore_index))  # `ignore_index` may be any value, even >= V
     if invalid.count_nonzero():  # the one host sync of an update
         value = int(target[invalid][0])
         if value < 0:
@@ -164,7 +203,7 @@ def _row_nll(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """
     rows = [
         torch.nn.functional.cross_entropy(
-            row_logits.float(), row_target, ignore_index=ignore_index, reduction="sum"
+            row_logits.float(), row_target.long(), ignore_index=ignore_index, reduction="sum"
         )
         for row_logits, row_target in zip(logits, target)
     ]

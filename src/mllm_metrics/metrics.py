@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,6 +34,51 @@ __all__ = [
     "TokenNLL",
     "causal_lm_metrics",
 ]
+
+
+# What `Metric.forward`/`update` change besides the states: restored with them on an error.
+_BOOKKEEPING = (
+    "_update_count",
+    "_computed",
+    "_forward_cache",
+    "_to_sync",
+    "_should_unsync",
+    "_enable_grad",
+    "compute_on_cpu",
+    "_is_synced",
+    "_cache",
+)
+
+
+@contextmanager
+def _unchanged_on_error(metrics: Iterable[Metric], copy_states: bool = True) -> Iterator[None]:
+    """Put every state of ``metrics`` back as it was if the block raises, then re-raise.
+
+    ``Metric.forward`` resets the states before calling ``update`` and merges the saved ones
+    back only after it returns, so a batch rejected inside ``update`` would otherwise wipe
+    everything accumulated so far; a ``MetricCollection`` would keep the batch in the metrics
+    updated before the one that raised. ``copy_states=False`` keeps references only, enough for
+    metrics that never change a state tensor in place (ours).
+    """
+    saved = []
+    for metric in metrics:
+        states = {}
+        for name in metric._defaults:
+            value = getattr(metric, name)
+            if isinstance(value, list):
+                value = list(value)
+            elif copy_states and isinstance(value, Tensor):
+                value = value.clone()
+            states[name] = value
+        flags = {name: getattr(metric, name) for name in _BOOKKEEPING if hasattr(metric, name)}
+        saved.append((metric, states | flags))
+    try:
+        yield
+    except BaseException:
+        for metric, attributes in saved:
+            for name, value in attributes.items():
+                setattr(metric, name, value)
+        raise
 
 
 class _CountRatio(Metric):
@@ -62,6 +110,39 @@ class _CountRatio(Metric):
         self.add_state(self._numerator_state, numerator, dist_reduce_fx="sum")
         denominator = torch.tensor(0, dtype=torch.long)
         self.add_state(self._denominator_state, denominator, dist_reduce_fx="sum")
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        # torchmetrics wraps `update` here, at construction and after unpickling; the wrapper
+        # itself counts the update before calling it, so the whole of it is made atomic.
+        counted_update = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def whole_batch_or_nothing(*args: Any, **kwargs: Any) -> None:
+            with _unchanged_on_error([self], copy_states=False):
+                return counted_update(*args, **kwargs)
+
+        return whole_batch_or_nothing
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        # With no update the sums are zero and compute() returns `zero_division`, a valid answer:
+        # a process that got no batch still computes (and syncs) with the others, silently.
+        synced_compute = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def compute_from_sums(*args: Any, **kwargs: Any) -> Any:
+            if self._update_count:
+                return synced_compute(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*called before the ``update``")
+                return synced_compute(*args, **kwargs)
+
+        return compute_from_sums
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The batch's value, accumulating the batch as ``update`` does; a bad batch changes
+        nothing (plain ``Metric.forward`` would lose every count accumulated so far)."""
+        with _unchanged_on_error([self], copy_states=False):
+            return super().forward(*args, **kwargs)
 
     def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
         # Both counts are computed before either state changes, so a rejected batch changes none.
@@ -366,12 +447,14 @@ class _CausalLMMetrics(MetricCollection):
         return _argmax_ids(preds)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Update every metric with the argmax ids of ``preds``."""
-        super().update(self._ids(preds, target), target)
+        """Update every metric with the argmax ids of ``preds``; a bad batch changes nothing."""
+        with _unchanged_on_error(self.values(copy_state=False)):
+            super().update(self._ids(preds, target), target)
 
     def forward(self, preds: Tensor, target: Tensor) -> dict[str, Any]:
         """Batch values of every metric, accumulating as ``update`` does."""
-        return super().forward(self._ids(preds, target), target)
+        with _unchanged_on_error(self.values(copy_state=False)):
+            return super().forward(self._ids(preds, target), target)
 
 
 def causal_lm_metrics(
