@@ -300,6 +300,32 @@ def ddp_eval_set() -> tuple[TinyLlavaForCausalLM, list[dict]]:
     return model, llava_style_rows(model, 7, seed=1)
 
 
+class Interrupted(RuntimeError):
+    pass
+
+
+def _interrupted_evaluate(model, rows, streaming, output_dir) -> int:
+    """Run a batch_eval_metrics evaluate() that raises on every rank at its third collate call
+    (the first batch is counted; accelerate has fetched the second); return the rows left in
+    the sums."""
+    calls = []
+
+    def collate(batch_rows):
+        calls.append(len(batch_rows))
+        if len(calls) == 3:
+            raise Interrupted("interrupted on purpose")
+        return collate_llava_style(batch_rows)
+
+    trainer = make_trainer(
+        model, rows, collate, streaming, output_dir, True, per_device_eval_batch_size=1
+    )
+    try:
+        trainer.evaluate()
+    except Interrupted:
+        return int(streaming.metrics["rows"].rows)
+    raise AssertionError("the evaluation was not interrupted")
+
+
 def _main(out_dir: str) -> None:
     torch.set_num_threads(1)
     model, rows = ddp_eval_set()
@@ -309,6 +335,12 @@ def _main(out_dir: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for batch_eval_metrics in modes:
             streaming = StreamingMetrics(counting_metrics())
+            if HAS_BATCH_EVAL_METRICS:
+                # An evaluate() that stops half-way leaves sums behind (one batch per rank):
+                # the next evaluate() must start from zero all the same.
+                results[f"interrupted_with={batch_eval_metrics}"] = _interrupted_evaluate(
+                    model, rows, streaming, tmp
+                )
             trainer = make_trainer(
                 model, rows, collate_llava_style, streaming, tmp, batch_eval_metrics
             )

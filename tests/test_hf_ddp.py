@@ -74,8 +74,11 @@ def test_every_rank_gets_the_single_process_values(
     expected, single = single_process
     assert single["eval_rows"] == 7
     for results in ranks_results:
+        if HAS_BATCH_EVAL_METRICS:  # rows of both ranks' first batch were left in the sums
+            assert results[f"interrupted_with={batch_eval_metrics}"] == 2
         first, second = results[f"batch_eval_metrics={batch_eval_metrics}"]
-        for run in (first, second):  # the second evaluate() starts from reset sums
+        # The first evaluate() follows an interrupted one; the second starts from reset sums.
+        for run in (first, second):
             # Raw counts: neither doubled by a second all-reduce nor inflated by the duplicate.
             assert run["eval_rows"] == 7
             assert run["eval_supervised_tokens"] == expected["supervised_tokens"]

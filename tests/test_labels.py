@@ -238,20 +238,35 @@ def test_expose_survives_a_forward_replaced_on_top():
 
 
 def test_a_prepare_method_replaced_on_top_makes_the_wrapper_inert():
+    # The wrapper exists only during a forward, so only code running inside one can replace it.
+    from mllm_metrics import labels as labels_module
+
     model, batch = _tiny_llava(), _batch()
+    expected = processed_labels_by_hand(model, batch)
     handle = expose_processed_labels(model)
-    wrapped = model.prepare_inputs_labels_for_multimodal
-    model.prepare_inputs_labels_for_multimodal = lambda *a, **k: wrapped(*a, **k)
+
+    def replace(module, args):
+        wrapped = module.prepare_inputs_labels_for_multimodal
+        module.prepare_inputs_labels_for_multimodal = lambda *a, **k: wrapped(*a, **k)
+
+    replacing = model.register_forward_pre_hook(replace)  # runs after the exposure's pre-hook
     with pytest.warns(UserWarning, match="was replaced"):
-        handle.remove()
-    outputs = model(**batch)  # still runs, nothing recorded any more
-    assert "processed_labels" not in outputs
+        outputs = model(**batch)
+    replacing.remove()
+    assert torch.equal(outputs.processed_labels, expected)  # this forward still recorded
+    assert torch.equal(model(**batch).processed_labels, expected)  # a new wrapper on top
+    handle.remove()
+    with labels_module._recording() as slot:
+        outputs = model(**batch)  # still runs through the left-over wrapper, which is inert
+    assert "processed_labels" not in outputs and not slot.recorded
 
 
-def test_expose_is_a_no_op_for_aligned_models():
-    model = nn.Linear(2, 2)
+def test_expose_leaves_aligned_models_as_they_are():
+    model, inputs = nn.Linear(2, 2), torch.ones(1, 2)
+    expected = model(inputs)
     with expose_processed_labels(model):
-        assert not model._forward_hooks and not model._forward_pre_hooks
+        assert torch.equal(model(inputs), expected)
+    assert not model._forward_hooks and not model._forward_pre_hooks
 
 
 def test_a_failing_forward_leaves_nothing_behind():

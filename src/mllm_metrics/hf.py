@@ -41,9 +41,10 @@ This module does not import ``transformers``: it works with whatever ``Trainer``
 
 from __future__ import annotations
 
-import inspect
+import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,10 +52,21 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
-from mllm_metrics.functional import _check_label_values, _row_nll, causal_shift
-from mllm_metrics.labels import PREPARE_METHOD, PROCESSED_LABELS_FIELD, ProcessedLabelsHandle
+from mllm_metrics.functional import (
+    _check_label_values,
+    _check_labels_dtype,
+    _is_signed_integer,
+    _row_nll,
+    causal_shift,
+)
+from mllm_metrics.labels import (
+    PREPARE_METHOD,
+    PROCESSED_LABELS_FIELD,
+    ProcessedLabelsHandle,
+    _is_processed_labels,
+)
 from mllm_metrics.labels import expose_processed_labels as _expose_labels
-from mllm_metrics.metrics import TokenNLL, causal_lm_metrics
+from mllm_metrics.metrics import TokenNLL, _unchanged_on_error, causal_lm_metrics
 
 __all__ = ["IGNORED_OUTPUT_KEYS", "StreamingMetrics", "expose_processed_labels"]
 
@@ -80,30 +92,6 @@ IGNORED_OUTPUT_KEYS: tuple[str, ...] = (
 )
 
 _IGNORE_KEYS_ATTRIBUTE = "keys_to_ignore_at_inference"
-
-# Keyword arguments of a LLaVA-style forward that are not a modality: with only these present,
-# nothing can replace the negative placeholder ids in `input_ids`.
-_TEXT_ARGUMENTS = frozenset(
-    {
-        "input_ids",
-        "attention_mask",
-        "position_ids",
-        "past_key_values",
-        "cache",
-        "cache_position",
-        "inputs_embeds",
-        "labels",
-        "use_cache",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "num_items_in_batch",
-        "logits_to_keep",
-        "token_type_ids",
-        "return_loss",
-    }
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -183,26 +171,25 @@ def _describe(value: Any) -> str:
 
 
 def _is_int_tensor(value: Any) -> bool:
-    return isinstance(value, Tensor) and not value.is_floating_point() and not value.is_complex()
+    return isinstance(value, Tensor) and _is_signed_integer(value)
 
 
 def _split_model_outputs(outputs: Any) -> tuple[Tensor, Tensor | None]:
     """Find the logits and, when present, the processed labels in what ``Trainer`` passes on.
 
     ``Trainer`` turns the model's output into a tuple of its fields (less ``loss`` and the keys
-    to ignore), in field order: the logits come first and ``processed_labels``, which the forward
-    hook appends, last. A single remaining field arrives as a bare tensor.
+    to ignore) and detaches them, so the field names are lost: the processed labels are
+    recognised by identity (the very tensor the exposed model's forward returned, see
+    :func:`expose_processed_labels`), never by their dtype or shape, since a model may return
+    other integer fields of the same shape. A single remaining field arrives as a bare tensor.
     """
     if isinstance(outputs, Mapping):
         logits, labels = outputs.get("logits"), outputs.get(PROCESSED_LABELS_FIELD)
-        candidates = [logits] if isinstance(logits, Tensor) else []
     elif isinstance(outputs, (tuple, list)):
-        candidates, labels = list(outputs), None
-        logits = next(
-            (v for v in candidates if isinstance(v, Tensor) and v.is_floating_point()), None
-        )
+        logits = next((v for v in outputs if isinstance(v, Tensor) and v.is_floating_point()), None)
+        labels = next((v for v in outputs if _is_processed_labels(v)), None)
     else:
-        candidates, logits, labels = [outputs], outputs, None
+        logits, labels = outputs, None
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim != 3:
         raise ValueError(
             "`StreamingMetrics.preprocess_logits` expected the model's logits, a floating-point "
@@ -210,11 +197,6 @@ def _split_model_outputs(outputs: Any) -> tuple[Tensor, Tensor | None]:
             "passed to Trainer as `preprocess_logits_for_metrics=`, and the model must return its "
             "logits first (a ModelOutput with `logits`, or a tuple starting with them)."
         )
-    if labels is None:
-        for value in reversed(candidates):
-            if value is not logits and _is_int_tensor(value) and value.shape == logits.shape[:2]:
-                labels = value
-                break
     return logits, labels
 
 
@@ -224,6 +206,78 @@ def _to_tensor(value: Any) -> Tensor:
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     return torch.as_tensor(value)
+
+
+def _per_batch(predictions: Any) -> list[Any]:
+    """The batches in ``predictions``: one ``(preds, target[, row_nll])``, or a list of them.
+
+    ``eval_do_concat_batches=False`` (transformers >= 4.42) gives a list of per-batch tuples;
+    lists may stand for tuples at either level.
+    """
+    if (
+        isinstance(predictions, (tuple, list))
+        and predictions
+        and all(isinstance(batch, (tuple, list)) for batch in predictions)
+    ):
+        return list(predictions)
+    return [predictions]
+
+
+class _Evaluation:
+    """Which evaluation a ``compute_metrics`` call belongs to, by an object unique to it.
+
+    ``Trainer`` gives ``compute_metrics`` no sign of where an evaluation starts, so an
+    ``evaluate()`` that raised half-way would leave its sums to the next one. What identifies
+    one run of ``Trainer.evaluation_loop`` (which ``evaluate()`` and ``predict()`` call) is an
+    object it creates for itself: its ``all_preds`` container (transformers >= 4.42), else the
+    accelerate ``DataLoaderShard`` it iterates (the ``active_dataloader`` of accelerate's
+    ``GradientState``). Held by weak reference: nothing of it is kept alive. Outside ``Trainer``
+    there is no marker, and the sums run until ``compute_result=True`` or ``reset()``.
+    """
+
+    def __init__(self, marker: object | None) -> None:
+        self._marker = None if marker is None else weakref.ref(marker)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Evaluation):
+            return NotImplemented
+        if self._marker is None or other._marker is None:
+            return self._marker is None and other._marker is None
+        mine = self._marker()
+        return mine is not None and mine is other._marker()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_EVALUATION_LOOPS = ("evaluation_loop", "prediction_loop")
+
+
+def _weakly_referable(value: object) -> bool:
+    try:
+        weakref.ref(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _current_evaluation() -> _Evaluation:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _EVALUATION_LOOPS and "self" in frame.f_locals:
+            container = frame.f_locals.get("all_preds")
+            if container is not None and _weakly_referable(container):
+                return _Evaluation(container)
+            break
+        frame = frame.f_back
+    state = sys.modules.get("accelerate.state")  # imported by Trainer; never imported here
+    gradient_state = getattr(state, "GradientState", None)
+    if gradient_state is None or not getattr(gradient_state, "_shared_state", None):
+        return _Evaluation(None)
+    try:
+        loader = gradient_state().active_dataloader
+    except (AttributeError, IndexError):
+        loader = None
+    return _Evaluation(loader if _weakly_referable(loader) else None)
 
 
 class StreamingMetrics:
@@ -302,6 +356,7 @@ class StreamingMetrics:
             else None
         )
         self._device: torch.device | None = None
+        self._evaluation: _Evaluation | None = None
 
     # ---- per batch, before the gather ------------------------------------------------------
 
@@ -328,13 +383,14 @@ class StreamingMetrics:
         """
         logits, processed = _split_model_outputs(logits)
         aligned = processed if processed is not None else labels
-        if not _is_int_tensor(aligned):
+        if not isinstance(aligned, Tensor):
             raise ValueError(
                 "`StreamingMetrics.preprocess_logits` needs labels to score the logits of shape "
                 f"{tuple(logits.shape)}, got {_describe(labels)}. Likely cause: the eval data "
                 "set has no `labels` column (or TrainingArguments(label_names=...) names other "
                 "columns)."
             )
+        _check_labels_dtype(aligned, "labels")
         if aligned.shape != logits.shape[:2]:
             raise ValueError(
                 f"The model returned logits of shape {tuple(logits.shape)} but the labels have "
@@ -344,6 +400,7 @@ class StreamingMetrics:
                 f"(it records them from `{PREPARE_METHOD}`), or make the model return "
                 f"`{PROCESSED_LABELS_FIELD}` of shape {tuple(logits.shape[:2])} itself."
             )
+        aligned = aligned.long()  # what Trainer pads, gathers and concatenates: one dtype
         if self.ignore_index != TRAINER_PAD_INDEX:
             aligned = aligned.masked_fill(aligned == TRAINER_PAD_INDEX, self.ignore_index)
         preds, target = causal_shift(logits, aligned)
@@ -373,21 +430,20 @@ class StreamingMetrics:
 
         """
         predictions = getattr(eval_pred, "predictions", eval_pred)
-        for chunk in self._chunks(predictions):
-            self.update(*chunk)
+        evaluation = _current_evaluation()
+        if evaluation != self._evaluation:
+            # A new evaluate()/predict(): whatever an interrupted one left behind is dropped.
+            self.reset()
+            self._evaluation = evaluation
+        batches = [self._parse(batch) for batch in _per_batch(predictions)]  # all checked first
+        with _unchanged_on_error(self._all_metrics()):
+            for batch in batches:
+                self.update(*batch)
         if not compute_result:
             return {}
         results = self.compute()
         self.reset()
         return results
-
-    def _chunks(self, predictions: Any) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        # `eval_do_concat_batches=False` (transformers >= 4.42) gives a list of per-batch tuples.
-        if isinstance(predictions, list) and predictions and isinstance(predictions[0], tuple):
-            for batch in predictions:
-                yield self._parse(batch)
-        else:
-            yield self._parse(predictions)
 
     def _parse(self, predictions: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         expected = 3 if self._nll is not None else 2
@@ -400,7 +456,14 @@ class StreamingMetrics:
             values is None
             or not all(_is_int_tensor(v) and v.ndim == 2 for v in values[:2])
             or values[0].shape != values[1].shape
-            or (expected == 3 and (values[2].ndim != 1 or len(values[2]) != len(values[0])))
+            or (
+                expected == 3
+                and (
+                    not values[2].is_floating_point()
+                    or values[2].ndim != 1
+                    or len(values[2]) != len(values[0])
+                )
+            )
         ):
             raise ValueError(
                 "`StreamingMetrics` expected the gathered output of its `preprocess_logits`: "
@@ -411,8 +474,12 @@ class StreamingMetrics:
             )
         return values[0], values[1], values[2] if expected == 3 else None
 
+    def _all_metrics(self) -> list[Metric]:
+        metrics = list(self.metrics.values(copy_state=False))
+        return metrics + ([self._nll] if self._nll is not None else [])
+
     def update(self, preds: Tensor, target: Tensor, row_nll: Tensor | None = None) -> None:
-        """Add gathered token ids (and rows' NLL) to the sums.
+        """Add gathered token ids (and rows' NLL) to the sums; a bad batch changes nothing.
 
         Args:
             preds: token ids (N, L); negative values (``Trainer``'s padding) are set to 0, their
@@ -428,9 +495,10 @@ class StreamingMetrics:
             self._device = preds.device
         if self.ignore_index != TRAINER_PAD_INDEX:
             target = target.masked_fill(target == TRAINER_PAD_INDEX, self.ignore_index)
-        self.metrics.update(preds.clamp(min=0), target)
-        if self._nll is not None and row_nll is not None:
-            self._nll.update(row_nll, target)
+        with _unchanged_on_error(self._all_metrics()):
+            self.metrics.update(preds.clamp(min=0), target)
+            if self._nll is not None and row_nll is not None:
+                self._nll.update(row_nll, target)
 
     def compute(self) -> dict[str, Any]:
         """The metrics' values over everything seen since the last reset (floats for scalars)."""
@@ -465,57 +533,39 @@ class _IgnoredOutputKeys:
         self.value = current + [key for key in IGNORED_OUTPUT_KEYS if key not in current]
         setattr(config, _IGNORE_KEYS_ATTRIBUTE, self.value)
 
-    def restore(self) -> None:
-        if getattr(self.config, _IGNORE_KEYS_ATTRIBUTE, None) is not self.value:
-            warnings.warn(
-                f"`config.{_IGNORE_KEYS_ATTRIBUTE}` was changed after mllm_metrics set it, so "
-                "it is left as it is now.",
-                stacklevel=4,
-            )
-        elif self.had_own:
-            setattr(self.config, _IGNORE_KEYS_ATTRIBUTE, self.previous)
-        else:
-            delattr(self.config, _IGNORE_KEYS_ATTRIBUTE)
+    def restore(self, copies: Sequence[nn.Module] = ()) -> None:
+        """Restore the config, and the configs of the model's ``copies`` (deep copies made
+        while the exposure was active, whose configs hold a copy of the changed list)."""
+        configs = [self.config] + [
+            config
+            for config in (getattr(module, "config", None) for module in copies)
+            if config is not None and config is not self.config
+        ]
+        for config in configs:
+            current = vars(config).get(_IGNORE_KEYS_ATTRIBUTE)
+            if current is not self.value and (config is self.config or current != self.value):
+                warnings.warn(
+                    f"`config.{_IGNORE_KEYS_ATTRIBUTE}` was changed after mllm_metrics set it, "
+                    "so it is left as it is now.",
+                    stacklevel=3,
+                )
+            elif self.had_own:
+                previous = self.previous
+                if config is not self.config and isinstance(previous, list):
+                    previous = list(previous)
+                setattr(config, _IGNORE_KEYS_ATTRIBUTE, previous)
+            else:
+                delattr(config, _IGNORE_KEYS_ATTRIBUTE)
 
 
-def _is_modality(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.is_floating_point()
-    if isinstance(value, (list, tuple)) and value:
-        return _is_modality(value[0])
-    return False
-
-
-def _placeholder_check(model: nn.Module) -> Any:
-    forward_arguments = list(inspect.signature(model.forward).parameters)
-
-    def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if not _is_int_tensor(input_ids) or kwargs.get("inputs_embeds") is not None:
-            return
-        if any(
-            _is_modality(value)
-            for name, value in kwargs.items()
-            if name not in _TEXT_ARGUMENTS and value is not None
-        ):
-            return
-        negative = input_ids < 0
-        if not bool(negative.any()):  # a host sync, only on batches without a modality tensor
-            return
-        received = sorted(name for name, value in kwargs.items() if value is not None)
-        raise ValueError(
-            f"`input_ids` hold the negative id {int(input_ids[negative][0])} (an image/video "
-            "placeholder), but no image/video tensor reached "
-            f"`{type(module).__name__}.forward`: it received {received}, and it takes "
-            f"{forward_arguments}. Likely cause: Trainer's `remove_unused_columns=True` (the "
-            "default) dropped the data set column holding the images because its name is not "
-            "an argument of `forward` (e.g. a column `image` for the argument `images`). "
-            "Rename the column to the argument's name, or set "
-            "`TrainingArguments(remove_unused_columns=False)` and let the data collator build "
-            "the argument."
-        )
-
-    return check
+# The likely cause named by the placeholder error under Trainer (see expose_processed_labels).
+_TRAINER_PLACEHOLDER_CAUSE = (
+    "Likely cause: Trainer's `remove_unused_columns=True` (the default) dropped the data set "
+    "column holding the images because its name is not an argument of `forward` (e.g. a column "
+    "`image` for the argument `images`). Rename the column to the argument's name, or set "
+    "`TrainingArguments(remove_unused_columns=False)` and let the data collator build the "
+    "argument."
+)
 
 
 def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
@@ -547,7 +597,9 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
             in ``DistributedDataParallel``).
 
     Returns:
-        A handle whose ``remove()`` undoes all three (also a context manager).
+        A handle whose ``remove()`` undoes all three (also a context manager), on the model and
+        on the deep copies made of it meanwhile (``copy.deepcopy``; their hooks act on the copy
+        itself). A model pickled meanwhile and loaded keeps its hooks and config keys.
 
     Example:
         >>> import torch
@@ -575,16 +627,9 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
         False
 
     """
-    labels_handle = _expose_labels(model)
-    hooks = []
-    if any(callable(getattr(type(module), PREPARE_METHOD, None)) for module in model.modules()):
-        hooks.append(model.register_forward_pre_hook(_placeholder_check(model), with_kwargs=True))
+    handle = _expose_labels(model)
+    handle._set_likely_cause(_TRAINER_PLACEHOLDER_CAUSE)
     config = getattr(model, "config", None)
-    ignored = _IgnoredOutputKeys(config) if config is not None else None
-
-    def release() -> None:
-        labels_handle.remove()
-        if ignored is not None:
-            ignored.restore()
-
-    return ProcessedLabelsHandle(hooks, release)
+    if config is not None:
+        handle._add_undo(_IgnoredOutputKeys(config).restore)
+    return handle

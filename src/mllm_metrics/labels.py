@@ -19,6 +19,14 @@ Lightning module); :func:`expose_processed_labels` makes every forward of a mode
 ``processed_labels`` output field (used with ``transformers.Trainer``);
 :func:`aligned_hidden_states` stops before the output head (for chunked logits). None of them
 needs transformers, and the first two work on a model wrapped in ``DistributedDataParallel``.
+
+The wrapper of step 2 exists only while a forward runs: between forwards an exposed model has
+no instance attribute of ours, only two forward hooks, which are picklable objects. So an
+exposed model can be deep-copied (the copy records its own labels) and pickled or saved with
+``torch.save``, and its ``state_dict`` is unchanged. For models with
+``prepare_inputs_labels_for_multimodal``, all three functions also turn the classic data bug
+(``input_ids`` with image placeholders but no image tensor in the batch) into a clear
+``ValueError`` instead of an ``IndexError`` inside the embedding.
 """
 
 from __future__ import annotations
@@ -28,13 +36,13 @@ import inspect
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "PREPARE_METHOD",
@@ -60,18 +68,23 @@ PROCESSED_LABELS_FIELD = "processed_labels"
 _recordings = threading.local()
 _install_lock = threading.Lock()
 _installed: dict[tuple[nn.Module, str], _LabelRecorder] = {}
+# The processed labels of the latest exposed forward, per thread (see _remember_processed_labels).
+_latest = threading.local()
 
 
 class _Slot:
-    __slots__ = ("labels", "recorded")
+    __slots__ = ("labels", "owner", "recorded", "release")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: tuple[object, nn.Module] | None = None) -> None:
         self.recorded = False
         self.labels: Tensor | None = None
+        # (exposure, module) for a slot opened by an exposure's pre-hook, None otherwise.
+        self.owner = owner
+        self.release: Callable[[], None] | None = None
 
 
-def _push_slot() -> _Slot:
-    slot = _Slot()
+def _push_slot(owner: tuple[object, nn.Module] | None = None) -> _Slot:
+    slot = _Slot(owner)
     _recordings.__dict__.setdefault("stack", []).append(slot)
     return slot
 
@@ -92,10 +105,11 @@ def _recording() -> Iterator[_Slot]:
 class _LabelRecorder:
     """A pass-through wrapper around one module's label-producing method.
 
-    It is set as an instance attribute (shadowing the class's method) and shared by every user
-    of the module through a reference count; the last ``release`` restores the module. If other
-    code replaced the attribute on top of it meanwhile, the wrapper cannot be taken out, so it
-    goes inert instead (a plain pass-through) and a warning says so.
+    It is set as an instance attribute (shadowing the class's method) for the duration of a
+    forward only, and shared by every forward running at that time through a reference count;
+    the last ``release`` restores the module. If other code replaced the attribute on top of it
+    meanwhile, the wrapper cannot be taken out, so it goes inert instead (a plain pass-through)
+    and a warning says so.
     """
 
     def __init__(self, module: nn.Module, method: str) -> None:
@@ -173,6 +187,151 @@ def _recording_labels(model: nn.Module) -> Iterator[_Slot]:
             yield slot
     finally:
         release()
+
+
+# The value `Trainer` pads outputs with across processes (`pad_across_processes`).
+_TRAINER_PADDING = -100
+
+
+def _remember_processed_labels(labels: Tensor) -> None:
+    """Remember ``labels`` as this thread's latest processed labels, replacing the previous ones.
+
+    The exposure's post-hook calls it for every forward whose output carries
+    ``processed_labels``. ``Trainer`` hands the outputs on as a tuple of detached tensors, whose
+    field names (and Python attributes) are lost; :func:`_is_processed_labels` then recognises
+    the processed labels among them by identity. One strong reference per thread (one batch of
+    integer labels) is kept.
+    """
+    _latest.labels = labels
+
+
+def _is_processed_labels(value: object) -> bool:
+    """Whether ``value`` is (a view of) this thread's latest remembered processed labels.
+
+    True iff ``value`` is a tensor of the dtype and device of the labels last passed to
+    :func:`_remember_processed_labels` on this thread, and shares their memory (a
+    ``.detach()``-ed view) or equals them value for value, possibly followed by columns of -100
+    (the copy ``DistributedDataParallel`` makes of every output, padded by ``Trainer`` to the
+    longest sequence of all processes). An integer field with other values is never taken for
+    them; one equal to them gives the same numbers.
+    """
+    labels = getattr(_latest, "labels", None)
+    if not isinstance(value, Tensor) or labels is None:
+        return False
+    if value is labels:
+        return True
+    if (
+        value.ndim != 2
+        or value.dtype != labels.dtype
+        or value.device != labels.device
+        or value.shape[0] != labels.shape[0]
+        or value.shape[1] < labels.shape[1]
+    ):
+        return False
+    width = labels.shape[1]
+    if value.shape[1] == width and value.data_ptr() == labels.data_ptr():
+        return True
+    # Under DDP, `Trainer` pads every output to the longest sequence of all processes (with
+    # -100, at the end) before `preprocess_logits_for_metrics`, and DistributedDataParallel with
+    # `find_unused_parameters` clones every output: equal values then stand for the labels.
+    return torch.equal(value[:, :width], labels) and bool(
+        value[:, width:].eq(_TRAINER_PADDING).all()
+    )
+
+
+# Keyword arguments of a LLaVA-style forward that are not a modality: with only these present,
+# nothing can replace the negative placeholder ids in `input_ids`.
+_TEXT_ARGUMENTS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values",
+        "cache",
+        "cache_position",
+        "inputs_embeds",
+        "labels",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "num_items_in_batch",
+        "logits_to_keep",
+        "token_type_ids",
+        "return_loss",
+    }
+)
+
+_MISSING_MODALITY_CAUSE = (
+    "Likely cause: the collate function or the data set dropped the images (or put them under a "
+    "key that is not an argument of `forward`, e.g. `image` for `images`). Make every batch "
+    "carry the image/video tensor under the name of the argument `forward` takes."
+)
+
+
+def _is_modality(value: Any) -> bool:
+    """A floating-point tensor (pixels, features, audio), raw uint8 pixels, or a list of them."""
+    if isinstance(value, Tensor):
+        return value.is_floating_point() or (value.dtype == torch.uint8 and value.ndim >= 3)
+    if isinstance(value, (list, tuple)) and value:
+        return _is_modality(value[0])
+    return False
+
+
+def _check_placeholders_have_modality(
+    model: nn.Module,
+    kwargs: Mapping[str, Any],
+    args: Sequence[Any] = (),
+    *,
+    likely_cause: str | None = None,
+) -> None:
+    """Raise a clear error when ``input_ids`` hold image placeholders but no image reached forward.
+
+    A LLaVA-style ``forward`` called without its images leaves the negative placeholder ids
+    (-200...) in ``input_ids`` and fails with an ``IndexError`` deep inside the embedding. This
+    is checked only for models with a ``prepare_inputs_labels_for_multimodal`` method, and costs
+    a host-device sync only for batches without any image/video tensor.
+
+    Args:
+        model: the model about to be called (may be wrapped in ``DistributedDataParallel``).
+        kwargs: the keyword arguments of its forward.
+        args: its positional arguments (``input_ids`` may be the first).
+        likely_cause: the end of the message; by default it blames the collate function or the
+            data set.
+
+    Raises:
+        ValueError: naming the placeholder id, the arguments received and those ``forward``
+            takes, and the likely cause.
+
+    """
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if (
+        not isinstance(input_ids, Tensor)
+        or input_ids.is_floating_point()
+        or input_ids.is_complex()
+        or kwargs.get("inputs_embeds") is not None
+        or any(_is_modality(value) for value in args[1:])
+        or any(
+            _is_modality(value)
+            for name, value in kwargs.items()
+            if name not in _TEXT_ARGUMENTS and value is not None
+        )
+    ):
+        return
+    owner = next((m for m, method in _label_producers(model) if method == PREPARE_METHOD), None)
+    if owner is None:
+        return
+    negative = input_ids < 0
+    if not bool(negative.any()):  # a host sync, only on batches without a modality tensor
+        return
+    received = sorted(name for name, value in kwargs.items() if value is not None)
+    takes = list(inspect.signature(owner.forward).parameters)
+    raise ValueError(
+        f"`input_ids` hold the negative id {int(input_ids[negative][0])} (an image/video "
+        "placeholder), but no image/video tensor reached "
+        f"`{type(owner).__name__}.forward`: it received {received}, and it takes {takes}. "
+        + (likely_cause or _MISSING_MODALITY_CAUSE)
+    )
 
 
 def _logits_of(outputs: Any) -> Tensor:
@@ -278,6 +437,11 @@ def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForwar
     Returns:
         The outputs, logits, aligned labels and loss.
 
+    Raises:
+        ValueError: if the logits cannot be found or aligned with labels, or if a model with
+            ``prepare_inputs_labels_for_multimodal`` gets ``input_ids`` with image placeholders
+            but no image/video tensor (the collate function dropped it).
+
     Example:
         >>> import torch
         >>> class Expanding(torch.nn.Module):  # one image placeholder becomes 3 positions
@@ -299,6 +463,7 @@ def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForwar
             f"labels, images...), got {type(batch).__name__}. Likely cause: a collate function "
             "that returns a tuple; return a dict instead."
         )
+    _check_placeholders_have_modality(model, batch)
     with _recording_labels(model) as slot:
         outputs = model(**batch)
     recorded = slot.labels if slot.recorded else None
@@ -307,20 +472,165 @@ def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForwar
     return AlignedForward(outputs=outputs, logits=_logits_of(outputs), labels=labels, loss=loss)
 
 
+# The per-module dicts a forward hook's id is stored in.
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+class _Exposure:
+    """What one :func:`expose_processed_labels` call installed, shared by its two hooks.
+
+    It knows the hooked module, the ids of the hooks, and the deep copies of the module made
+    while the hooks were on it (they carry the same hooks under the same ids), so that
+    :meth:`remove` takes the hooks off all of them. Pickled, it becomes a stand-alone exposure
+    that tracks nothing: a model loaded from a pickle keeps hooks that record its own labels.
+    """
+
+    def __init__(self, module: nn.Module | None, likely_cause: str | None = None) -> None:
+        self.module_ref = weakref.ref(module) if module is not None else None
+        self.copies: list[weakref.ref[nn.Module]] = []
+        self.hook_ids: tuple[int, ...] = ()
+        self.likely_cause = likely_cause
+        self.active = True
+
+    def modules(self) -> list[nn.Module]:
+        """The hooked module (first) and its tracked deep copies that are still alive."""
+        refs = ([self.module_ref] if self.module_ref is not None else []) + self.copies
+        return [module for module in (ref() for ref in refs) if module is not None]
+
+    def copies_alive(self) -> list[nn.Module]:
+        """The tracked deep copies of the hooked module that are still alive."""
+        return [module for module in (ref() for ref in self.copies) if module is not None]
+
+    def track_copy(self, memo: dict[int, Any]) -> None:
+        """Called while ``copy.deepcopy`` copies one of our hooks: find the module it copies."""
+        if not self.active:
+            return
+        with _install_lock:
+            self.copies = [ref for ref in self.copies if ref() is not None]
+            modules = self.modules()
+            for module in modules:
+                copied = memo.get(id(module))
+                if isinstance(copied, nn.Module) and copied is not module:
+                    if all(copied is not other for other in modules):
+                        self.copies.append(weakref.ref(copied))
+                    return
+
+    def remove(self) -> None:
+        """Take the hooks off the hooked module and off every tracked copy (idempotent)."""
+        with _install_lock:
+            modules, self.active, self.copies = self.modules(), False, []
+        for module in modules:
+            for name in _HOOK_DICTS:
+                hooks = getattr(module, name, None)
+                if isinstance(hooks, dict):
+                    for hook_id in self.hook_ids:
+                        hooks.pop(hook_id, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hook_ids": self.hook_ids, "likely_cause": self.likely_cause}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(None, state["likely_cause"])
+        self.hook_ids = state["hook_ids"]
+
+
+class _ExposureHook:
+    """Base of the exposure's forward hooks: module-level classes, so a hooked model pickles.
+
+    ``copy.deepcopy`` keeps the very hook object (it acts on the module it is called with, so
+    it serves the copy as well as the original) and registers the copy with the exposure.
+    """
+
+    def __init__(self, exposure: _Exposure) -> None:
+        self.exposure = exposure
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ExposureHook:
+        self.exposure.track_copy(memo)
+        return self
+
+
+class _BeginForward(_ExposureHook):
+    """Forward pre-hook: check the placeholders, open a recording, install the wrappers."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self.exposure.active:  # left on a module the exposure does not know of
+            return
+        _check_placeholders_have_modality(
+            module, kwargs, args, likely_cause=self.exposure.likely_cause
+        )
+        slot = _push_slot(owner=(self.exposure, module))
+        try:
+            slot.release = _acquire_recorders(module)
+        except BaseException:
+            _pop_slot(slot)
+            raise
+
+
+class _EndForward(_ExposureHook):
+    """Forward hook (always called): release the wrappers, attach and remember the labels."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], outputs: Any) -> Any:
+        stack = getattr(_recordings, "stack", None) or []
+        # This forward's slot: the innermost one this exposure opened for this module. It is
+        # missing when a pre-hook before ours raised; it need not be on top when several
+        # exposures hook the same module (their post-hooks do not run in reverse order).
+        slot = next(
+            (
+                slot
+                for slot in reversed(stack)
+                if slot.owner is not None
+                and slot.owner[0] is self.exposure
+                and slot.owner[1] is module
+            ),
+            None,
+        )
+        if slot is None:
+            return outputs
+        _pop_slot(slot)
+        if slot.release is not None:
+            slot.release()
+        if isinstance(outputs, Mapping):
+            labels = outputs.get(PROCESSED_LABELS_FIELD)
+            if labels is None and slot.recorded and slot.labels is not None:
+                outputs[PROCESSED_LABELS_FIELD] = labels = slot.labels
+        else:
+            labels = getattr(outputs, PROCESSED_LABELS_FIELD, None)
+        if isinstance(labels, Tensor):
+            _remember_processed_labels(labels)
+        return outputs
+
+
 class ProcessedLabelsHandle:
     """Undoes :func:`expose_processed_labels`; also a context manager."""
 
-    def __init__(self, hooks: list[RemovableHandle], release: Callable[[], None]) -> None:
-        self._hooks = hooks
-        self._release: Callable[[], None] | None = release
+    def __init__(self, exposure: _Exposure) -> None:
+        self._exposure: _Exposure | None = exposure
+        self._on_remove: list[Callable[[list[nn.Module]], None]] = []
 
     def remove(self) -> None:
-        """Remove the hooks and restore the wrapped methods (idempotent)."""
-        for hook in self._hooks:
-            hook.remove()
-        if self._release is not None:
-            self._release()
-            self._release = None
+        """Remove the hooks from the model and from its deep copies (idempotent)."""
+        if self._exposure is None:
+            return
+        exposure, self._exposure = self._exposure, None
+        copies = exposure.copies_alive()
+        exposure.remove()
+        for undo in self._on_remove:
+            undo(copies)
+
+    def _add_undo(self, undo: Callable[[list[nn.Module]], None]) -> None:
+        """Also run ``undo(copies)`` on ``remove()``, with the deep copies tracked until then."""
+        self._on_remove.append(undo)
+
+    def _set_likely_cause(self, likely_cause: str) -> None:
+        """The likely cause the placeholder error names (the default blames the collate)."""
+        if self._exposure is not None:
+            self._exposure.likely_cause = likely_cause
 
     def __enter__(self) -> ProcessedLabelsHandle:
         return self
@@ -334,10 +644,22 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
 
     After this call, an output that is a ``ModelOutput`` or dict gains the field
     ``processed_labels`` (the labels returned by ``prepare_inputs_labels_for_multimodal`` in that
-    forward) whenever the model computed some. Forward hooks do the work, so ``forward`` itself,
-    its signature and the model's class are untouched, and code that replaces ``forward`` later
-    (accelerate's mixed precision) does not get in the way. A model without
-    ``prepare_inputs_labels_for_multimodal`` is left as it is.
+    forward) whenever the model computed some and did not return such a field itself. Forward
+    hooks do the work, so ``forward`` itself, its signature and the model's class are untouched,
+    and code that replaces ``forward`` later (accelerate's mixed precision) does not get in the
+    way. The prepare method is wrapped only while a forward runs; between forwards the model
+    carries nothing but the two hooks.
+
+    The hooks also remember, per thread, the ``processed_labels`` of the latest forward (ours or
+    the model's own), so that they can be recognised once ``Trainer`` has turned the outputs into
+    a tuple; and a model with ``prepare_inputs_labels_for_multimodal`` that gets ``input_ids``
+    with image placeholders but no image/video tensor raises a clear ``ValueError``. A model
+    whose outputs carry no labels is otherwise left as it is.
+
+    The exposed model can be deep-copied: the copy carries the same hooks, records its own
+    labels, and ``remove()`` takes the hooks off it too. It can be pickled (``torch.save``): a
+    model loaded from the pickle keeps hooks that record its own labels, which no handle
+    removes (and loading it needs ``mllm_metrics``). ``state_dict`` is unaffected.
 
     Args:
         model: the model, or a wrapper of it (``DistributedDataParallel``, PEFT...).
@@ -361,26 +683,11 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
         False
 
     """
-    release = _acquire_recorders(model)
-    if not _label_producers(model):
-        return ProcessedLabelsHandle([], release)
-
-    def push_slot(module: nn.Module, args: Any) -> None:
-        _push_slot()
-
-    def attach_labels(module: nn.Module, args: Any, outputs: Any) -> Any:
-        # Pre- and post-hooks of one thread nest, so the innermost slot is this forward's.
-        slot = _recordings.stack[-1]
-        _pop_slot(slot)
-        if slot.recorded and slot.labels is not None and isinstance(outputs, Mapping):
-            outputs[PROCESSED_LABELS_FIELD] = slot.labels
-        return outputs
-
-    hooks = [
-        model.register_forward_pre_hook(push_slot),
-        model.register_forward_hook(attach_labels, always_call=True),
-    ]
-    return ProcessedLabelsHandle(hooks, release)
+    exposure = _Exposure(model)
+    begin = model.register_forward_pre_hook(_BeginForward(exposure), with_kwargs=True)
+    end = model.register_forward_hook(_EndForward(exposure), always_call=True)
+    exposure.hook_ids = (begin.id, end.id)
+    return ProcessedLabelsHandle(exposure)
 
 
 @dataclass
@@ -431,6 +738,10 @@ def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> Aligned
     Returns:
         The hidden states (batch, seq_len', hidden), the output head and the aligned labels, or
         None when the model cannot be split this way (the caller then runs the full forward).
+
+    Raises:
+        ValueError: if a LLaVA-style model gets ``input_ids`` with image placeholders but no
+            image/video tensor (the collate function dropped it).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     backbone = getattr(model, "base_model", None)
@@ -447,6 +758,7 @@ def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> Aligned
     arguments = {k: v for k, v in batch.items() if k != "labels"}
     prepare = getattr(model, PREPARE_METHOD, None)
     if callable(prepare):
+        _check_placeholders_have_modality(model, batch)
         result = prepare(**_arguments_for(prepare, batch))
         if not (isinstance(result, tuple) and len(result) == 6):
             return None
