@@ -8,13 +8,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric, MetricCollection
 
 from mllm_metrics.functional import causal_shift
 from mllm_metrics.labels import AlignedHiddenStates, aligned_forward, aligned_hidden_states
-from mllm_metrics.metrics import TextBitMatchAccuracy, TextExactMatch, TokenNLL, causal_lm_metrics
+from mllm_metrics.metrics import (
+    TextBitMatchAccuracy,
+    TextExactMatch,
+    TokenNLL,
+    _unchanged_on_error,
+    causal_lm_metrics,
+)
+from mllm_metrics.repeats import distributed_sampler_of, track_repeats, tracker_of
 
 __all__ = ["MultimodalLMModule"]
 
@@ -38,9 +45,18 @@ class MultimodalLMModule(pl.LightningModule):
     are skipped, as in exact-match). With several dataloaders each has its own metric states and
     Lightning suffixes the keys with ``/dataloader_idx_N``.
 
-    Under DDP, Lightning's ``DistributedSampler`` pads the eval set by repeating samples so that
-    every process gets as many batches; the repeated samples are recognised from the sampler and
-    their labels masked, so the synced values equal a single-process run exactly.
+    Every validation/test epoch starts from zero (also after an interrupted one, and whichever
+    ``Trainer`` runs it). The metric objects of every dataloader exist from the epoch's start.
+    They are logged from the steps when every process gets a batch of each loader (a
+    ``DistributedSampler``); otherwise (an ``IterableDataset``, another sampler) at the epoch end
+    on every process, so a process that got no batch still takes part in each sync, with zeros
+    (``trainer.validate`` then returns every dataloader's keys in each result).
+
+    Under DDP, a ``DistributedSampler`` (Lightning's or your own) pads the eval set by repeating
+    samples so that every process gets as many; the repeated samples are recognised by their
+    dataset index as each batch is drawn (see :mod:`mllm_metrics.repeats`) and their labels
+    masked, so the synced values equal a single-process run exactly. Where that cannot be known
+    (``drop_last``, an ``IterableDataset``, no ``DistributedSampler``) a warning says so.
 
     Args:
         model: the model; called as ``model(**batch)`` with a dict batch that holds ``labels``.
@@ -119,8 +135,8 @@ class MultimodalLMModule(pl.LightningModule):
         # Kept out of the module tree: only its copies hold states that Lightning logs.
         self._metrics_template = (template,)
         self.eval_metrics = nn.ModuleDict()
-        self._samples_seen: dict[str, int] = {}
         self._cannot_split = False
+        self._log_at_epoch_end: dict[str, bool] = {}
 
     def forward(self, **batch: Any) -> Any:
         """Call the wrapped model."""
@@ -150,11 +166,34 @@ class MultimodalLMModule(pl.LightningModule):
         """Update and log the ``test/`` metrics of this dataloader."""
         self._evaluation_step("test", batch, dataloader_idx)
 
-    def on_validation_epoch_start(self) -> None:
-        """Restart the count of samples seen, which locates the sampler's repeated samples."""
-        self._samples_seen.clear()
+    def setup(self, stage: str) -> None:
+        """Have the trainer's evaluation loaders record which samples each batch holds."""
+        strategy = self.trainer.strategy
+        if not isinstance(vars(strategy).get("process_dataloader"), _TrackRepeats):
+            strategy.process_dataloader = _TrackRepeats(strategy.process_dataloader, self.trainer)
 
-    on_test_epoch_start = on_validation_epoch_start
+    def teardown(self, stage: str) -> None:
+        """Undo :meth:`setup` on the trainer's strategy."""
+        if self._trainer is not None and isinstance(
+            vars(self.trainer.strategy).get("process_dataloader"), _TrackRepeats
+        ):
+            del self.trainer.strategy.process_dataloader
+
+    def on_validation_epoch_start(self) -> None:
+        """Create the ``val/`` metrics of every dataloader, from zero."""
+        self._start_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        """Create the ``test/`` metrics of every dataloader, from zero."""
+        self._start_epoch("test")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the ``val/`` metric objects; Lightning syncs, computes and resets them."""
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log the ``test/`` metric objects; Lightning syncs, computes and resets them."""
+        self._log_epoch("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; subclass to change it."""
@@ -163,31 +202,55 @@ class MultimodalLMModule(pl.LightningModule):
 
     def _evaluation_step(self, stage: str, batch: Mapping[str, Any], dataloader_idx: int) -> None:
         metrics = self._metrics_for(stage, dataloader_idx)
+        # Taken before the forward: every batch consumes its record, even one that fails.
+        repeated = self._repeated_rows(stage, dataloader_idx, batch)
         split = self._split_forward(batch)
-        if split is None:
-            result = aligned_forward(self.model, batch)
-            labels = self._checked_labels(result.labels, stage, batch, dataloader_idx)
-            preds, target = causal_shift(result.logits, labels)
-            metrics["loss"].update(result.logits[:, :-1], target)
-        else:
-            labels = self._checked_labels(split.labels, stage, batch, dataloader_idx)
-            preds, target = self._chunked_predictions(split, labels, metrics["loss"])
-        metrics["tokens"].update(preds, target)
-        self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=True)
-        self.log_dict(metrics["tokens"], on_step=False, on_epoch=True)
-        if self.tokenizer is not None:
-            self._update_text_metrics(metrics["text"], preds, target)
-            self.log_dict(metrics["text"], on_step=False, on_epoch=True)
+        with _unchanged_on_error([m for m in metrics.modules() if isinstance(m, Metric)]):
+            if split is None:
+                result = aligned_forward(self.model, batch)
+                labels = self._checked_labels(result.labels, stage, batch, repeated)
+                preds, target = causal_shift(result.logits, labels)
+                metrics["loss"].update(result.logits[:, :-1], target)
+            else:
+                labels = self._checked_labels(split.labels, stage, batch, repeated)
+                preds, target = self._chunked_predictions(split, labels, metrics["loss"])
+            metrics["tokens"].update(preds, target)
+            if self.tokenizer is not None:
+                self._update_text_metrics(metrics["text"], preds, target)
+        if not self._log_at_epoch_end.get(stage, False):
+            self._log_metrics(stage, metrics, from_step=True)
 
     def _checked_labels(
-        self, labels: Tensor | None, stage: str, batch: Mapping[str, Any], dataloader_idx: int
+        self,
+        labels: Tensor | None,
+        stage: str,
+        batch: Mapping[str, Any],
+        repeated: list[bool] | None,
     ) -> Tensor:
         if labels is None:
             raise ValueError(
                 f"The {stage} batch has no `labels` (keys: {sorted(batch)}); the metrics compare "
                 "the model's predictions with the labels, so the batch must hold them."
             )
-        return self._mask_repeated_samples(labels, stage, dataloader_idx)
+        if repeated is None:
+            return labels
+        if len(repeated) != labels.shape[0]:
+            raise ValueError(
+                f"The batch's labels have {labels.shape[0]} rows but the batch holds "
+                f"{len(repeated)} samples: cannot tell which rows are the sampler's repeats."
+            )
+        # A row whose labels are all `ignore_index` counts in no metric: masking removes it.
+        rows = torch.tensor(repeated, device=labels.device)
+        return labels.masked_fill(rows.unsqueeze(1), self.ignore_index)
+
+    def _repeated_rows(
+        self, stage: str, dataloader_idx: int, batch: Mapping[str, Any]
+    ) -> list[bool] | None:
+        tracker = tracker_of(self._loader(stage, dataloader_idx))
+        rows = _batch_size(batch)
+        if tracker is None or rows is None:
+            return None
+        return tracker.repeated_rows(rows)
 
     def _split_forward(self, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
         if self.logits_chunk_size is None or self._cannot_split:
@@ -251,42 +314,96 @@ class MultimodalLMModule(pl.LightningModule):
             self.tokenizer.batch_decode(expected, skip_special_tokens=True),
         )
 
-    def _mask_repeated_samples(self, labels: Tensor, stage: str, dataloader_idx: int) -> Tensor:
-        """Mask the rows that a padding ``DistributedSampler`` repeated to even out the ranks.
+    def _start_epoch(self, stage: str) -> None:
+        self._log_at_epoch_end[stage] = not self._every_process_has_every_loader(stage)
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1 and not isinstance(
+            vars(strategy).get("process_dataloader"), _TrackRepeats
+        ):
+            warnings.warn(
+                f"{type(self).__name__}.setup() did not run (a subclass overrides `setup` without "
+                "calling `super().setup(stage)`), so the samples the DistributedSampler repeats "
+                "cannot be identified and the synced metrics may count them twice.",
+                stacklevel=2,
+            )
+        for dataloader_idx in range(self._loader_count(stage)):
+            for metric in self._metrics_for(stage, dataloader_idx).modules():
+                if isinstance(metric, Metric):
+                    metric.reset()
 
-        ``DistributedSampler(drop_last=False)`` appends repeated indices to reach
-        ``num_samples * num_replicas`` and deals them round-robin, so this process's k-th sample
-        is a repeat exactly when ``k * num_replicas + rank >= len(dataset)``. A row whose labels
-        are all ``ignore_index`` counts in no metric, so masking it removes it exactly.
+    def _log_epoch(self, stage: str) -> None:
+        if not self._log_at_epoch_end.get(stage, False):
+            return
+        count = self._loader_count(stage)
+        for dataloader_idx in range(count):
+            suffix = f"/dataloader_idx_{dataloader_idx}" if count > 1 else ""
+            self._log_metrics(stage, self._metrics_for(stage, dataloader_idx), suffix=suffix)
+
+    def _log_metrics(
+        self, stage: str, metrics: nn.ModuleDict, suffix: str = "", from_step: bool = False
+    ) -> None:
+        """Log the metric objects: from a step (Lightning adds the dataloader suffix), or at the
+        epoch end with ``suffix``."""
+        options = {"on_step": False, "on_epoch": True, "add_dataloader_idx": from_step}
+        self.log(f"{stage}/loss{suffix}", metrics["loss"], prog_bar=True, **options)
+        collections = [metrics["tokens"]] + ([metrics["text"]] if "text" in metrics else [])
+        for collection in collections:
+            for name, metric in collection.items():
+                self.log(f"{name}{suffix}", metric, **options)
+
+    def _every_process_has_every_loader(self, stage: str) -> bool:
+        """Whether every process gets at least one batch of each loader that has data.
+
+        Then Lightning syncs each logged metric in the same order on every process, as it
+        computes them from the steps' logs (which also gives one result per dataloader). A
+        ``DistributedSampler`` gives every process the same share; an ``IterableDataset`` or
+        another sampler may leave a process without a batch of some loader, which would then
+        never join that loader's sync: those metrics are logged at the epoch end instead.
         """
-        key = f"{stage}_{dataloader_idx}"
-        first = self._samples_seen.get(key, 0)
-        self._samples_seen[key] = first + labels.shape[0]
-        sampler = self._distributed_sampler(stage, dataloader_idx)
-        if sampler is None:
-            return labels
-        # Plain integer arithmetic: no host-device sync in the step.
-        first_repeat = -(-(len(sampler.dataset) - sampler.rank) // sampler.num_replicas)
-        kept = max(0, first_repeat - first)
-        if kept >= labels.shape[0]:
-            return labels
-        labels = labels.clone()
-        labels[kept:] = self.ignore_index
-        return labels
+        if self.trainer.world_size == 1:
+            return True
+        return all(distributed_sampler_of(loader) is not None for loader in self._loaders(stage))
 
-    def _distributed_sampler(self, stage: str, dataloader_idx: int) -> DistributedSampler | None:
+    def _loaders(self, stage: str) -> list[Any]:
         if self._trainer is None:
-            return None
+            return []
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         if isinstance(loaders, Mapping):
-            loaders = list(loaders.values())
-        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        if not isinstance(loader, DataLoader):
-            return None
-        for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-            if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-                return sampler
-        return None
+            return list(loaders.values())
+        if isinstance(loaders, (list, tuple)):
+            return list(loaders)
+        return [] if loaders is None else [loaders]
+
+    def _loader_count(self, stage: str) -> int:
+        return max(1, len(self._loaders(stage)))
+
+    def _loader(self, stage: str, dataloader_idx: int) -> Any:
+        loaders = self._loaders(stage)
+        return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+
+
+class _TrackRepeats:
+    """``Strategy.process_dataloader`` followed by :func:`~mllm_metrics.repeats.track_repeats`
+    on the evaluation loaders of a distributed run: the last step before Lightning iterates a
+    loader, so its index sampler records every batch from the first."""
+
+    def __init__(self, process_dataloader: Any, trainer: pl.Trainer) -> None:
+        self.process_dataloader = process_dataloader
+        self.trainer = trainer
+
+    def __call__(self, dataloader: object) -> object:
+        dataloader = self.process_dataloader(dataloader)
+        stage = self.trainer.state.stage
+        if self.trainer.world_size > 1 and stage in _EVALUATION_STAGES:
+            dataloader, _ = track_repeats(dataloader, f"a {_EVALUATION_STAGES[stage]} dataloader")
+        return dataloader
+
+
+_EVALUATION_STAGES = {
+    RunningStage.SANITY_CHECKING: "validation",
+    RunningStage.VALIDATING: "validation",
+    RunningStage.TESTING: "test",
+}
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int | None:
