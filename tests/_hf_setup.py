@@ -348,6 +348,12 @@ def _main(out_dir: str) -> None:
                 trainer.evaluate(),
                 trainer.evaluate(),
             ]
+            # The same evaluation with the supervised-only chunked head instead of logits.
+            with expose_processed_labels(model, logits_chunk_size=3):
+                trainer = make_trainer(
+                    model, rows, collate_llava_style, streaming, tmp, batch_eval_metrics
+                )
+                results[f"chunked:batch_eval_metrics={batch_eval_metrics}"] = trainer.evaluate()
             results["world_size"] = trainer.args.world_size
             results["backend"] = torch.distributed.get_backend()
     rank = int(os.environ["RANK"])

@@ -228,7 +228,9 @@ class Job:
         torch.manual_seed(0)
         model = favour_token(TinyLlavaForCausalLM(tiny_llava_config()))
         self.failure = FailAtValidationBatch()
-        model.register_forward_pre_hook(self.failure)
+        # On the backbone: it runs once per batch both in the full forward and in the
+        # chunked-head path (which calls the backbone, not the model).
+        model.base_model.register_forward_pre_hook(self.failure)
         # learning_rate=0 keeps the weights: validation inside fit equals validate().
         self.module = MultimodalLMModule(model, learning_rate=0.0)
 

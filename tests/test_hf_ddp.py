@@ -77,6 +77,11 @@ def test_every_rank_gets_the_single_process_values(
         if HAS_BATCH_EVAL_METRICS:  # rows of both ranks' first batch were left in the sums
             assert results[f"interrupted_with={batch_eval_metrics}"] == 2
         first, second = results[f"batch_eval_metrics={batch_eval_metrics}"]
+        chunked = results[f"chunked:batch_eval_metrics={batch_eval_metrics}"]
+        for name in METRICS:  # the supervised-only chunked head, on 2 processes
+            assert chunked[f"eval_{name}"] == single[f"eval_{name}"], name
+        assert chunked["eval_nll"] == pytest.approx(single["eval_nll"], rel=1e-6)
+        assert chunked["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
         # The first evaluate() follows an interrupted one; the second starts from reset sums.
         for run in (first, second):
             # Raw counts: neither doubled by a second all-reduce nor inflated by the duplicate.

@@ -203,7 +203,9 @@ def test_model_that_returns_its_labels():
         return torch.cat([torch.full((4, 2), -100), batch["labels"]], dim=1)
 
     expected = _reference(model, batches, labels_for)
-    [results] = _trainer().validate(MultimodalLMModule(model), _loader(batches), verbose=False)
+    # A wrapper without an output head of its own: only the full forward applies.
+    module = MultimodalLMModule(model, logits_chunk_size=None)
+    [results] = _trainer().validate(module, _loader(batches), verbose=False)
     _assert_logged(results, expected)
 
 
@@ -287,7 +289,8 @@ def test_unalignable_labels_give_a_clear_error():
     # It rewrites its labels (like LLaVA) but neither returns them nor uses a known method.
     with pytest.raises(ValueError) as error:
         _trainer().validate(
-            MultimodalLMModule(_RewritesLabels(returns_labels=False)), _loader(_text_batches())
+            MultimodalLMModule(_RewritesLabels(returns_labels=False), logits_chunk_size=None),
+            _loader(_text_batches()),
         )
     message = str(error.value)
     assert "(4, 8, 16)" in message and "(4, 6)" in message

@@ -483,7 +483,7 @@ def test_trainer_evaluate_after_an_interrupted_one_starts_from_zero(batch_eval_m
 
     from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
-    if batch_eval_metrics and not HAS_BATCH_EVAL_METRICS:
+    if not HAS_BATCH_EVAL_METRICS:  # then only the last call adds: nothing can be left over
         pytest.skip("this transformers release has no `batch_eval_metrics`")
     model = tiny_llava()
     rows = llava_style_rows(model, 7)
@@ -546,7 +546,10 @@ def _lightning_setup():
         )
         return pl.Trainer(**(options | kwargs))
 
-    return tiny_llama(), loader, trainer, MultimodalLMModule
+    def module(model, **kwargs):  # the full forward: the wrapper below cannot be split
+        return MultimodalLMModule(model, logits_chunk_size=None, **kwargs)
+
+    return tiny_llama(), loader, trainer, module
 
 
 def test_lightning_validate_after_an_interrupted_one_starts_from_zero():

@@ -41,6 +41,7 @@ This module does not import ``transformers``: it works with whatever ``Trainer``
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -52,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from mllm_metrics.chunked import NOT_PREDICTED, _check_chunk_size, supervised_head_predictions
 from mllm_metrics.functional import (
     _check_label_values,
     _check_labels_dtype,
@@ -64,11 +66,17 @@ from mllm_metrics.labels import (
     PROCESSED_LABELS_FIELD,
     ProcessedLabelsHandle,
     _is_processed_labels,
+    aligned_hidden_states,
 )
 from mllm_metrics.labels import expose_processed_labels as _expose_labels
 from mllm_metrics.metrics import TokenNLL, _unchanged_on_error, causal_lm_metrics
 
-__all__ = ["IGNORED_OUTPUT_KEYS", "StreamingMetrics", "expose_processed_labels"]
+__all__ = [
+    "IGNORED_OUTPUT_KEYS",
+    "ChunkedEvalOutput",
+    "StreamingMetrics",
+    "expose_processed_labels",
+]
 
 #: The value ``Trainer`` pads predictions and labels with, across processes and batches.
 TRAINER_PAD_INDEX = -100
@@ -198,6 +206,26 @@ def _split_model_outputs(outputs: Any) -> tuple[Tensor, Tensor | None]:
             "logits first (a ModelOutput with `logits`, or a tuple starting with them)."
         )
     return logits, labels
+
+
+def _chunked_outputs(outputs: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(ids, processed_labels, row_nll)`` when ``outputs`` come from a chunked evaluation
+    forward (:func:`expose_processed_labels` with ``logits_chunk_size``), else None."""
+    if isinstance(outputs, Mapping):
+        outputs = [outputs.get(key) for key in ChunkedEvalOutput.FIELDS]
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
+        return None
+    ids, processed, row_nll = outputs
+    if (
+        _is_int_tensor(ids)
+        and ids.ndim == 2
+        and _is_processed_labels(processed)
+        and isinstance(row_nll, Tensor)
+        and row_nll.is_floating_point()
+        and row_nll.ndim == 1
+    ):
+        return ids, processed, row_nll
+    return None
 
 
 def _to_tensor(value: Any) -> Tensor:
@@ -381,6 +409,9 @@ class StreamingMetrics:
                 negative but not ignored (e.g. a -200 image placeholder left in the labels).
 
         """
+        chunked = _chunked_outputs(logits)
+        if chunked is not None:
+            return self._preprocess_chunked(*chunked)
         logits, processed = _split_model_outputs(logits)
         aligned = processed if processed is not None else labels
         if not isinstance(aligned, Tensor):
@@ -408,6 +439,16 @@ class StreamingMetrics:
             return preds, target
         _check_label_values(target, self.ignore_index, logits.shape[-1])
         return preds, target, _row_nll(logits[:, :-1], target, self.ignore_index)
+
+    def _preprocess_chunked(
+        self, ids: Tensor, processed: Tensor, row_nll: Tensor
+    ) -> tuple[Tensor, ...]:
+        """The same as for logits, from what a chunked evaluation forward returned."""
+        target = processed.long()[:, 1:]
+        if self.ignore_index != TRAINER_PAD_INDEX:
+            target = target.masked_fill(target == TRAINER_PAD_INDEX, self.ignore_index)
+        preds = ids[:, :-1]
+        return (preds, target) if self._nll is None else (preds, target, row_nll.float())
 
     # ---- compute_metrics ----------------------------------------------------------------------
 
@@ -568,7 +609,114 @@ _TRAINER_PLACEHOLDER_CAUSE = (
 )
 
 
-def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
+class ChunkedEvalOutput(dict):
+    """What an evaluation forward returns under ``expose_processed_labels(logits_chunk_size=N)``.
+
+    A dict (``Trainer`` turns its values, less ``loss``, into the tuple it hands to
+    ``preprocess_logits_for_metrics``), with attribute access like a ``ModelOutput``:
+
+    - ``loss``: the loss the model would have returned: the mean NLL of the supervised shifted
+      labels (or their sum over ``num_items_in_batch`` when that argument is passed);
+    - ``predictions``: argmax ids (batch, seq_len), position ``t`` predicting label ``t + 1``;
+      :data:`~mllm_metrics.chunked.NOT_PREDICTED` where that label is not supervised;
+    - ``processed_labels``: the labels the predictions align with (batch, seq_len);
+    - ``row_nll``: each row's summed NLL (batch,), float64.
+    """
+
+    FIELDS = ("predictions", PROCESSED_LABELS_FIELD, "row_nll")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _ChunkedEvalForward:
+    """Set as ``model.forward`` while exposed with a chunk size: an evaluation forward with
+    labels (``model.training`` False) runs the model up to its hidden states and the output head
+    on the supervised positions only, and returns a :class:`ChunkedEvalOutput` instead of
+    logits. Every other call (training, no labels, a model that cannot be split) is the model's
+    own forward. ``functools.update_wrapper`` keeps the signature ``Trainer`` inspects."""
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        self.model_ref = weakref.ref(model)
+        self.chunk_size = chunk_size
+        self.active = True
+        self.warned = False
+        self.had_own_forward = "forward" in vars(model)
+        self.own_forward = vars(model).get("forward")
+        functools.update_wrapper(self, model.forward)
+
+    def _original(self, model: nn.Module) -> Any:
+        return self.own_forward if self.had_own_forward else type(model).forward.__get__(model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model_ref()
+        if model is None:
+            raise ReferenceError("the model this forward belonged to no longer exists")
+        forward = self._original(model)
+        if not self.active or model.training or args or kwargs.get("labels") is None:
+            return forward(*args, **kwargs)
+        split = aligned_hidden_states(model, kwargs)
+        if split is None or split.labels is None:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    f"`logits_chunk_size` is set but {type(model).__name__} cannot be run up to "
+                    "its hidden states and output head separately; evaluating with its full "
+                    "forward, which holds the whole (batch, seq_len, vocab) logits.",
+                    stacklevel=2,
+                )
+            return forward(*args, **kwargs)
+        chunked = supervised_head_predictions(
+            split.hidden_states, split.output_head, split.labels, self.chunk_size
+        )
+        items = kwargs.get("num_items_in_batch")
+        denominator = (chunked.target != TRAINER_PAD_INDEX).sum() if items is None else items
+        not_predicted = chunked.preds.new_full((chunked.preds.shape[0], 1), NOT_PREDICTED)
+        return ChunkedEvalOutput(
+            loss=(chunked.row_nll.sum() / denominator).float(),
+            predictions=torch.cat([chunked.preds, not_predicted], dim=1),
+            processed_labels=split.labels,
+            row_nll=chunked.row_nll,
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ChunkedEvalForward:
+        copied = memo.get(id(self.model_ref()))
+        clone = object.__new__(_ChunkedEvalForward)
+        clone.__dict__.update(self.__dict__)
+        if isinstance(copied, nn.Module):
+            clone.model_ref = weakref.ref(copied)
+        return clone
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "A model exposed with `logits_chunk_size` cannot be pickled while exposed: call the "
+            "handle's `remove()` first (or expose it without a chunk size)."
+        )
+
+    def remove(self) -> None:
+        model = self.model_ref()
+        self.active = False
+        if model is None:
+            return
+        if vars(model).get("forward") is not self:
+            warnings.warn(
+                f"`{type(model).__name__}.forward` was replaced after mllm_metrics wrapped it "
+                "(e.g. by accelerate's mixed precision), so the wrapper stays in place; it now "
+                "calls the model's own forward.",
+                stacklevel=4,
+            )
+        elif self.had_own_forward:
+            model.forward = self.own_forward
+        else:
+            del model.forward
+
+
+def expose_processed_labels(
+    model: nn.Module, *, logits_chunk_size: int | None = None
+) -> ProcessedLabelsHandle:
     """Prepare a model for :class:`StreamingMetrics` under ``transformers.Trainer``.
 
     Three things, all undone by the returned handle's ``remove()``:
@@ -592,9 +740,22 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
     Call it before ``trainer.evaluate()`` or ``trainer.train()``, on the model given to
     ``Trainer``.
 
+    With ``logits_chunk_size=N``, evaluation and prediction forwards (``model.training`` is
+    False, ``labels`` given) never build the logits: the model runs up to its final hidden
+    states and the output head is applied to the supervised positions only, N at a time
+    (:mod:`mllm_metrics.chunked`); the forward returns a :class:`ChunkedEvalOutput` (argmax
+    ids, processed labels, each row's NLL and the loss the model would have returned, so
+    ``eval_loss`` is unchanged) that :meth:`StreamingMetrics.preprocess_logits` accepts like
+    logits. Training forwards, forwards without labels and models that cannot be split (a
+    warning says so) run the model's own forward. This replaces ``forward`` on the instance
+    (keeping its signature, which ``Trainer`` inspects) until ``remove()``; a deep copy gets its
+    own; pickling the model then raises: ``remove()`` first.
+
     Args:
         model: the model given to ``Trainer`` (its hooks also run when ``Trainer`` wraps it
             in ``DistributedDataParallel``).
+        logits_chunk_size: the most positions given to the output head at once in evaluation
+            forwards; None (the default) keeps the model's own forward and its logits.
 
     Returns:
         A handle whose ``remove()`` undoes all three (also a context manager), on the model and
@@ -627,8 +788,14 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
         False
 
     """
+    if logits_chunk_size is not None:
+        _check_chunk_size(logits_chunk_size)
     handle = _expose_labels(model)
     handle._set_likely_cause(_TRAINER_PLACEHOLDER_CAUSE)
+    if logits_chunk_size is not None:
+        chunked_forward = _ChunkedEvalForward(model, logits_chunk_size)
+        model.forward = chunked_forward
+        handle._add_undo(lambda copies: chunked_forward.remove())
     config = getattr(model, "config", None)
     if config is not None:
         handle._add_undo(_IgnoredOutputKeys(config).restore)

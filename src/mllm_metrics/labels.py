@@ -706,11 +706,13 @@ class AlignedHiddenStates:
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def _call_with_accepted(function: Callable[..., Any], arguments: Mapping[str, Any]) -> Any:
-    parameters = inspect.signature(function).parameters
+def _call_with_accepted(module: nn.Module, arguments: Mapping[str, Any]) -> Any:
+    """Call ``module`` (so its hooks run: FSDP unsharding, user hooks) with the arguments its
+    ``forward`` accepts."""
+    parameters = inspect.signature(module.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return function(**arguments)
-    return function(**{k: v for k, v in arguments.items() if k in parameters})
+        return module(**arguments)
+    return module(**{k: v for k, v in arguments.items() if k in parameters})
 
 
 def _arguments_for(function: Callable[..., Any], batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -769,7 +771,7 @@ def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> Aligned
             "attention_mask": attention_mask,
             "position_ids": position_ids,
         }
-    hidden_states = _call_with_accepted(backbone.forward, arguments)[0]
+    hidden_states = _call_with_accepted(backbone, arguments)[0]
     if not isinstance(hidden_states, Tensor) or hidden_states.shape[-1] != head.in_features:
         return None
     if labels is not None and labels.shape != hidden_states.shape[:2]:

@@ -12,8 +12,20 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from mllm_metrics.chunked import (
+    DEFAULT_LOGITS_CHUNK_SIZE,
+    _check_chunk_size,
+    supervised_head_predictions,
+)
 from mllm_metrics.functional import causal_shift
-from mllm_metrics.labels import AlignedHiddenStates, aligned_forward, aligned_hidden_states
+from mllm_metrics.labels import (
+    AlignedForward,
+    AlignedHiddenStates,
+    _label_producers,
+    aligned_forward,
+    aligned_hidden_states,
+    select_aligned_labels,
+)
 from mllm_metrics.metrics import (
     TextBitMatchAccuracy,
     TextExactMatch,
@@ -70,12 +82,16 @@ class MultimodalLMModule(pl.LightningModule):
         learning_rate: AdamW learning rate of :meth:`configure_optimizers`.
         weight_decay: AdamW weight decay.
         logits_chunk_size: in validation/test, run the model up to its final hidden states and
-            apply the output head to this many token positions at a time (counted across the
-            whole batch), keeping only the argmax ids and the summed NLL of each chunk: at most
-            ``logits_chunk_size x vocab_size`` logits are alive at once instead of
-            ``batch x seq_len x vocab_size``. Values equal the full path. Models that cannot
-            be split (see :func:`~mllm_metrics.labels.aligned_hidden_states`) fall back to the
-            full forward with a warning.
+            apply the output head only to the positions whose shifted label is supervised, this
+            many at a time, keeping each chunk's argmax ids and NLL (see
+            :mod:`mllm_metrics.chunked`): at most ``logits_chunk_size x vocab_size`` logits
+            are alive at once instead of ``batch x seq_len x vocab_size``, and image-feature,
+            prompt and padding positions never reach the head. Values equal the full path
+            (ids up to near-ties). The predictions that custom ``metrics`` receive hold
+            :data:`~mllm_metrics.chunked.NOT_PREDICTED` at unsupervised positions. Default
+            256; ``None`` always runs the full forward. Models that cannot be split (see
+            :func:`~mllm_metrics.labels.aligned_hidden_states`) fall back to the full forward
+            with a warning.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -104,16 +120,11 @@ class MultimodalLMModule(pl.LightningModule):
         text_alphabet: str | None = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
-        logits_chunk_size: int | None = None,
+        logits_chunk_size: int | None = DEFAULT_LOGITS_CHUNK_SIZE,
     ) -> None:
         super().__init__()
-        if logits_chunk_size is not None and (
-            not isinstance(logits_chunk_size, int) or logits_chunk_size < 1
-        ):
-            raise ValueError(
-                f"Expected `logits_chunk_size` to be a positive int or None, got "
-                f"{logits_chunk_size!r}."
-            )
+        if logits_chunk_size is not None:
+            _check_chunk_size(logits_chunk_size)
         self.logits_chunk_size = logits_chunk_size
         if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
@@ -207,13 +218,22 @@ class MultimodalLMModule(pl.LightningModule):
         split = self._split_forward(batch)
         with _unchanged_on_error([m for m in metrics.modules() if isinstance(m, Metric)]):
             if split is None:
-                result = aligned_forward(self.model, batch)
+                result = self._full_forward(batch)
                 labels = self._checked_labels(result.labels, stage, batch, repeated)
                 preds, target = causal_shift(result.logits, labels)
                 metrics["loss"].update(result.logits[:, :-1], target)
             else:
                 labels = self._checked_labels(split.labels, stage, batch, repeated)
-                preds, target = self._chunked_predictions(split, labels, metrics["loss"])
+                chunked = supervised_head_predictions(
+                    split.hidden_states,
+                    split.output_head,
+                    labels,
+                    self.logits_chunk_size,
+                    self.ignore_index,
+                )
+                preds, target = chunked.preds, chunked.target
+                supervised = (target != self.ignore_index).sum()
+                metrics["loss"]._add(chunked.row_nll.sum(), supervised)
             metrics["tokens"].update(preds, target)
             if self.tokenizer is not None:
                 self._update_text_metrics(metrics["text"], preds, target)
@@ -267,20 +287,15 @@ class MultimodalLMModule(pl.LightningModule):
             )
         return split
 
-    def _chunked_predictions(
-        self, split: AlignedHiddenStates, labels: Tensor, nll: TokenNLL
-    ) -> tuple[Tensor, Tensor]:
-        """Causal shift, argmax and NLL with the head applied to a few positions at a time."""
-        hidden = split.hidden_states[:, :-1].flatten(0, 1)
-        target = labels[:, 1:]
-        flat_target = target.flatten()
-        preds = torch.empty_like(flat_target)
-        for start in range(0, flat_target.numel(), self.logits_chunk_size):
-            chunk = slice(start, start + self.logits_chunk_size)
-            logits = split.output_head(hidden[chunk])
-            preds[chunk] = logits.argmax(dim=-1)
-            nll.update(logits.unsqueeze(0), flat_target[chunk].unsqueeze(0))
-        return preds.view_as(target), target
+    def _full_forward(self, batch: Mapping[str, Any]) -> AlignedForward:
+        """The model's forward and its aligned labels; its own loss is not computed when the
+        labels are not needed to align (``val/loss`` computes the cross-entropy once, itself)."""
+        labels = batch.get("labels")
+        if labels is None or not _is_transformers_model(self.model) or _label_producers(self.model):
+            return aligned_forward(self.model, batch)
+        result = aligned_forward(self.model, {k: v for k, v in batch.items() if k != "labels"})
+        result.labels = select_aligned_labels(result.outputs, labels)
+        return result
 
     def _metrics_for(self, stage: str, dataloader_idx: int) -> nn.ModuleDict:
         key = f"{stage}_{dataloader_idx}"
@@ -404,6 +419,12 @@ _EVALUATION_STAGES = {
     RunningStage.VALIDATING: "validation",
     RunningStage.TESTING: "test",
 }
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face model: it computes a loss only when given labels and never rewrites them
+    unless it has a label-producing method (Llava before 4.45)."""
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int | None:

@@ -1,0 +1,119 @@
+"""The output head applied to the supervised positions only, a few at a time.
+
+A causal LM's logits are ``(batch, seq_len, vocab_size)`` floats: at Qwen2-VL's vocabulary and
+one eval batch of 8 x 4096 positions, 20 GB in float32, while the metrics need one id and one
+negative log-likelihood per *supervised* position, and a LLaVA-style row is mostly image-feature
+and prompt positions that nothing scores. :func:`supervised_head_predictions` takes the final
+hidden states (see :func:`mllm_metrics.labels.aligned_hidden_states`), keeps the positions
+whose *shifted* label is supervised, and applies the output head to at most ``chunk_size`` of
+them at a time, keeping each chunk's argmax ids and NLL. The Lightning module and the
+``transformers.Trainer`` path (:func:`mllm_metrics.hf.expose_processed_labels` with
+``logits_chunk_size``) both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mllm_metrics.functional import _check_label_values, _check_labels_dtype
+
+__all__ = ["DEFAULT_LOGITS_CHUNK_SIZE", "NOT_PREDICTED", "SupervisedPredictions"]
+
+#: The value of the predictions at unsupervised positions, whose logits are never computed:
+#: no token id and no ``ignore_index`` in use (-100, -1) equals it, so a metric that compares
+#: every position never counts one of them as a match.
+NOT_PREDICTED = -(2**31)
+
+#: 256 positions at a time: at V = 151936 (Qwen2-VL) a chunk's float32 logits, their float32
+#: copy for the cross-entropy and its gradient-free softmax take ~0.5 GB, about what one decoder
+#: layer of a 7B model needs for 4096 positions; fewer positions per call start to cost time
+#: (each call re-reads the head's weights). TRL's chunked NLL uses the same size.
+DEFAULT_LOGITS_CHUNK_SIZE = 256
+
+
+@dataclass
+class SupervisedPredictions:
+    """What the metrics need from one batch, computed without the full logits.
+
+    Attributes:
+        preds: argmax ids, shape (batch, seq_len - 1), aligned with ``target`` (the causal shift
+            is applied); :data:`NOT_PREDICTED` at unsupervised positions.
+        target: ``labels[:, 1:]``.
+        row_nll: each row's summed NLL over its supervised positions, shape (batch,), float64.
+
+    """
+
+    preds: Tensor
+    target: Tensor
+    row_nll: Tensor
+
+
+def _check_chunk_size(chunk_size: object) -> int:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(
+            f"Expected `logits_chunk_size` to be a positive int or None, got {chunk_size!r}."
+        )
+    return chunk_size
+
+
+@torch.no_grad()
+def supervised_head_predictions(
+    hidden_states: Tensor,
+    output_head: nn.Module,
+    labels: Tensor,
+    chunk_size: int,
+    ignore_index: int = -100,
+) -> SupervisedPredictions:
+    """Argmax ids and summed NLL at the supervised positions, ``chunk_size`` positions at a time.
+
+    Position ``t`` of ``hidden_states`` predicts ``labels[:, t + 1]`` (the shift of Hugging
+    Face's ``ForCausalLMLoss``); positions whose next label is ``ignore_index`` (prompt, image
+    features, padding, the last position) never reach the head. The NLL is the cross-entropy of
+    the float32 logits, summed per row in float64.
+
+    Args:
+        hidden_states: final hidden states, shape (batch, seq_len, hidden).
+        output_head: the module turning hidden states into logits (``get_output_embeddings()``).
+        labels: labels aligned with ``hidden_states``, shape (batch, seq_len).
+        chunk_size: the most positions given to the head in one call.
+        ignore_index: label value of unsupervised positions.
+
+    Returns:
+        The predictions, shifted target and row NLL.
+
+    Example:
+        >>> import torch
+        >>> head = torch.nn.Linear(2, 3, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        >>> hidden = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]]])
+        >>> labels = torch.tensor([[-100, 1, 1]])  # positions 0 and 1 predict labels 1 and 1
+        >>> result = supervised_head_predictions(hidden, head, labels, chunk_size=1)
+        >>> result.preds.tolist(), result.target.tolist()  # position 0 predicts label 1 as 0
+        ([[0, 1]], [[1, 1]])
+
+    """
+    _check_chunk_size(chunk_size)
+    _check_labels_dtype(labels, "labels")
+    target = labels[:, 1:]
+    vocab_size = getattr(output_head, "out_features", None)
+    _check_label_values(target, ignore_index, vocab_size)  # before any head call: a clear error
+    hidden = hidden_states[:, :-1]
+    rows, positions = (target != ignore_index).nonzero(as_tuple=True)  # one host sync
+    preds = torch.full_like(target, NOT_PREDICTED, dtype=torch.long)
+    row_nll = torch.zeros(target.shape[0], dtype=torch.float64, device=target.device)
+    for start in range(0, rows.numel(), chunk_size):
+        chunk_rows, chunk_positions = (
+            rows[start : start + chunk_size],
+            positions[start : start + chunk_size],
+        )
+        logits = output_head(hidden[chunk_rows, chunk_positions]).float()
+        chunk_target = target[chunk_rows, chunk_positions].long()
+        preds[chunk_rows, chunk_positions] = logits.argmax(dim=-1)
+        nll = torch.nn.functional.cross_entropy(logits, chunk_target, reduction="none")
+        row_nll.index_add_(0, chunk_rows, nll.double())
+        del logits, nll
+    return SupervisedPredictions(preds=preds, target=target, row_nll=row_nll)
