@@ -141,6 +141,9 @@ def test_training_forwards_and_forwards_without_labels_are_the_models_own():
 
 def test_the_loss_divides_by_num_items_in_batch_when_given():
     model = tiny_llama()
+    parameters = inspect.signature(model.forward).parameters
+    if "num_items_in_batch" not in parameters and "kwargs" not in parameters:
+        pytest.skip("this transformers release's Llama takes no `num_items_in_batch`")
     input_ids = torch.randint(16, (2, 6), generator=torch.Generator().manual_seed(0))
     labels = input_ids.clone()
     labels[:, :2] = -100
@@ -172,6 +175,8 @@ def test_signature_copies_pickling_and_remove():
 
 
 def test_a_model_with_logit_soft_capping_falls_back_with_a_warning(tmp_path):
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers release has no Gemma2")
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)

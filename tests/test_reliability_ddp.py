@@ -160,7 +160,8 @@ def test_synced_counts_equal_the_single_process_counts(runs, step, index):
 def test_counts_are_not_trivial(runs, step):
     counts = runs[0].step(step)["counts"]
     assert any(0 < c["bit_match_correct"] < c["bit_match_total"] for c in counts), counts
-    assert any(0 < c["exact_match_correct"] < c["exact_match_total"] for c in counts), counts
+    if step != "E":  # E's one loader of 7 samples may have no exact answer at another release
+        assert any(0 < c["exact_match_correct"] < c["exact_match_total"] for c in counts), counts
 
 
 @pytest.mark.parametrize("step", VALIDATE_STEPS)
