@@ -233,7 +233,7 @@ class MultimodalLMModule(pl.LightningModule):
                 )
                 preds, target = chunked.preds, chunked.target
                 supervised = (target != self.ignore_index).sum()
-                metrics["loss"]._add(chunked.row_nll.sum(), supervised)
+                metrics["loss"]._update_sums(chunked.row_nll.sum(), supervised)
             metrics["tokens"].update(preds, target)
             if self.tokenizer is not None:
                 self._update_text_metrics(metrics["text"], preds, target)

@@ -111,6 +111,12 @@ class _CountRatio(Metric):
         denominator = torch.tensor(0, dtype=torch.long)
         self.add_state(self._denominator_state, denominator, dist_reduce_fx="sum")
 
+    def _update_sums(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
+        """Add sums computed elsewhere (e.g. by the chunked head), counted as one update."""
+        self._computed = None
+        self._update_count += 1
+        self._add(numerator, denominator)
+
     def _wrap_update(self, update: Callable) -> Callable:
         # torchmetrics wraps `update` here, at construction and after unpickling; the wrapper
         # itself counts the update before calling it, so the whole of it is made atomic.
