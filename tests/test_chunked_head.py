@@ -123,6 +123,40 @@ def test_trainer_chunked_evaluation_on_hf_llava(tmp_path):
     assert results[2]["eval_loss"] == pytest.approx(results[None]["eval_loss"], rel=1e-5)
 
 
+def test_trainer_chunked_evaluation_on_qwen2_vl(tmp_path):
+    if not hasattr(transformers, "Qwen2VLForConditionalGeneration"):
+        pytest.skip("this transformers release has no Qwen2-VL")
+    from _models import qwen2_vl_batch, tiny_qwen2_vl
+    from _reference import favour_token
+
+    model = favour_token(tiny_qwen2_vl(), bias=0.5)
+    generator = torch.Generator().manual_seed(5)
+    rows = [
+        {
+            "answer": torch.tensor([5, 5, 9])[torch.randint(3, (1 + i % 4,), generator=generator)],
+            "pixels": torch.randn(16, 24, generator=generator),
+        }
+        for i in range(5)
+    ]
+
+    def collate(batch_rows):
+        batch = qwen2_vl_batch(generator, [row["answer"].tolist() for row in batch_rows])
+        batch["pixel_values"] = torch.cat([row["pixels"] for row in batch_rows])
+        return batch
+
+    results = {}
+    for chunk in (None, 2):
+        with expose_processed_labels(model, logits_chunk_size=chunk):
+            streaming = StreamingMetrics(counting_metrics())
+            trainer = make_trainer(model, rows, collate, streaming, tmp_path, False)
+            results[chunk] = trainer.evaluate()
+    assert 0 < results[None]["eval_correct_tokens"] < results[None]["eval_supervised_tokens"]
+    for name in ("eval_correct_tokens", "eval_supervised_tokens", "eval_rows", "eval_bit_match"):
+        assert results[2][name] == results[None][name], name
+    assert results[2]["eval_nll"] == pytest.approx(results[None]["eval_nll"], rel=1e-6)
+    assert results[2]["eval_loss"] == pytest.approx(results[None]["eval_loss"], rel=1e-5)
+
+
 def test_training_forwards_and_forwards_without_labels_are_the_models_own():
     model = tiny_llava().train()
     rows = llava_style_rows(model, 2)

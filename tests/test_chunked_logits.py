@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import LLAVA_IMAGE_TOKEN, hf_llava_expands_inside, tiny_hf_llava, tiny_llama
+from _models import (
+    LLAVA_IMAGE_TOKEN,
+    hf_llava_expands_inside,
+    qwen2_vl_batch,
+    tiny_hf_llava,
+    tiny_llama,
+    tiny_qwen2_vl,
+)
 from _reference import favour_token
 from torch import nn
 from torch.utils.data import DataLoader
@@ -84,6 +91,21 @@ def _llama():
     return model, batches
 
 
+def _qwen2_vl():
+    if not hasattr(transformers, "Qwen2VLForConditionalGeneration"):
+        pytest.skip("this transformers release has no Qwen2-VL")
+    model = favour_token(tiny_qwen2_vl(), bias=0.5)
+    generator = torch.Generator().manual_seed(4)
+    batches = []
+    for _ in range(2):
+        answers = [
+            torch.tensor([5, 5, 9])[torch.randint(3, (int(n),), generator=generator)].tolist()
+            for n in torch.randint(1, 5, (3,), generator=generator)
+        ]
+        batches.append(qwen2_vl_batch(generator, answers))
+    return model, batches
+
+
 CASES = {
     "llava-style-right": lambda: (_tiny_llava(), _llava_batches()),
     "llava-style-left-truncated": lambda: (
@@ -92,6 +114,7 @@ CASES = {
     ),
     "hf-llava": _hf_llava,
     "llama": _llama,
+    "qwen2-vl": _qwen2_vl,
 }
 
 

@@ -89,9 +89,11 @@ class MultimodalLMModule(pl.LightningModule):
             prompt and padding positions never reach the head. Values equal the full path
             (ids up to near-ties). The predictions that custom ``metrics`` receive hold
             :data:`~mllm_metrics.chunked.NOT_PREDICTED` at unsupervised positions. Default
-            256; ``None`` always runs the full forward. Models that cannot be split (see
-            :func:`~mllm_metrics.labels.aligned_hidden_states`) fall back to the full forward
-            with a warning.
+            256. ``None`` computes the whole logits (from the same split, so the model computes
+            no loss of its own and the cross-entropy is taken once). Models that cannot be
+            split (see :func:`~mllm_metrics.labels.aligned_hidden_states`) run their own
+            forward, with a warning when a chunk size was asked for; for those that need their
+            labels inside ``forward`` (LLaVA-style) that forward also computes their loss.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -217,11 +219,15 @@ class MultimodalLMModule(pl.LightningModule):
         repeated = self._repeated_rows(stage, dataloader_idx, batch)
         split = self._split_forward(batch)
         with _unchanged_on_error([m for m in metrics.modules() if isinstance(m, Metric)]):
-            if split is None:
-                result = self._full_forward(batch)
-                labels = self._checked_labels(result.labels, stage, batch, repeated)
-                preds, target = causal_shift(result.logits, labels)
-                metrics["loss"].update(result.logits[:, :-1], target)
+            if split is None or self.logits_chunk_size is None:
+                if split is None:
+                    result = self._full_forward(batch)
+                    logits, labels = result.logits, result.labels
+                else:  # the whole logits, but no loss of the model's own: one cross-entropy
+                    logits, labels = split.output_head(split.hidden_states), split.labels
+                labels = self._checked_labels(labels, stage, batch, repeated)
+                preds, target = causal_shift(logits, labels)
+                metrics["loss"].update(logits[:, :-1], target)
             else:
                 labels = self._checked_labels(split.labels, stage, batch, repeated)
                 chunked = supervised_head_predictions(
@@ -273,11 +279,13 @@ class MultimodalLMModule(pl.LightningModule):
         return tracker.repeated_rows(rows)
 
     def _split_forward(self, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
-        if self.logits_chunk_size is None or self._cannot_split:
+        if self._cannot_split:
             return None
         split = aligned_hidden_states(self.model, batch)
         if split is None:
             self._cannot_split = True
+            if self.logits_chunk_size is None:
+                return None
             warnings.warn(
                 f"`logits_chunk_size` is set but {type(self.model).__name__} cannot be run up to "
                 "its hidden states and output head separately (no `get_output_embeddings()` "
