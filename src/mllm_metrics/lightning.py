@@ -133,6 +133,9 @@ class MultimodalLMModule(pl.LightningModule):
                 f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
                 f"got {type(tokenizer).__name__}."
             )
+        # The plain arguments go into checkpoints and LightningCLI's hparams.yaml; the model,
+        # metrics and tokenizer are objects the caller passes again to `load_from_checkpoint`.
+        self.save_hyperparameters(ignore=["model", "metrics", "tokenizer"])
         self.model = model
         self.tokenizer = tokenizer
         self.ignore_index = ignore_index
@@ -154,6 +157,36 @@ class MultimodalLMModule(pl.LightningModule):
     def forward(self, **batch: Any) -> Any:
         """Call the wrapped model."""
         return self.model(**batch)
+
+    def predict_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor | None]:
+        """The model's argmax predictions, causally shifted, with the labels they align with.
+
+        Returns ``{"preds": ids, "target": labels}``: ``ids`` of shape (batch, seq_len' - 1),
+        position ``t`` being the prediction for the label at ``t + 1`` of the *processed*
+        labels, and ``target`` those labels shifted by one (None when the batch has no
+        ``labels``). With ``logits_chunk_size`` the output head is applied to that many
+        positions at a time (every position, so the ids can be decoded whole); the logits are
+        never kept. ``trainer.predict(module, loader)`` returns one such dict per batch.
+        """
+        split = self._split_forward(batch)
+        if split is None:
+            result = self._full_forward(batch)
+            labels = result.labels
+            ids = result.logits[:, :-1].argmax(dim=-1)
+        else:
+            labels = split.labels
+            hidden = split.hidden_states[:, :-1]
+            chunk = self.logits_chunk_size or hidden.shape[0] * hidden.shape[1] or 1
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            ids = torch.cat(
+                [
+                    split.output_head(flat[i : i + chunk]).argmax(-1)
+                    for i in range(0, len(flat), chunk)
+                ]
+            ).view(hidden.shape[:2])
+        return {"preds": ids, "target": None if labels is None else labels[:, 1:]}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """Return the model's own loss, logged as ``train/loss``."""
@@ -369,9 +402,10 @@ class MultimodalLMModule(pl.LightningModule):
         epoch end with ``suffix``."""
         options = {"on_step": False, "on_epoch": True, "add_dataloader_idx": from_step}
         self.log(f"{stage}/loss{suffix}", metrics["loss"], prog_bar=True, **options)
-        collections = [metrics["tokens"]] + ([metrics["text"]] if "text" in metrics else [])
-        for collection in collections:
-            for name, metric in collection.items():
+        for name, metric in metrics["tokens"].items():  # bit-match and exact-match in the bar
+            self.log(f"{name}{suffix}", metric, prog_bar=True, **options)
+        if "text" in metrics:
+            for name, metric in metrics["text"].items():
                 self.log(f"{name}{suffix}", metric, **options)
 
     def _every_process_has_every_loader(self, stage: str) -> bool:
