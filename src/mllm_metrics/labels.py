@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 import warnings
 import weakref
@@ -724,6 +725,70 @@ def _arguments_for(function: Callable[..., Any], batch: Mapping[str, Any]) -> di
     }
 
 
+# The name of the forward method FSDP runs its hooks around, set only while one runs.
+_FSDP_SPLIT_METHOD = "_mllm_metrics_split_forward"
+
+
+def _is_sharded_fsdp_root(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (``fully_shard``) whose own parameters (those that no
+    nested FSDP module holds: embeddings, output head...) are sharded now, i.e. outside its
+    forward."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # no model is sharded before its import
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None or not isinstance(model, fsdp_module):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    modules = [model]
+    while modules:
+        module = modules.pop()
+        if any(isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            return True
+        modules += [child for child in module.children() if not isinstance(child, fsdp_module)]
+    return False
+
+
+def _split_as_fsdp_forward(
+    model: nn.Module, batch: Mapping[str, Any]
+) -> AlignedHiddenStates | None:
+    """:func:`aligned_hidden_states` of an FSDP2 root called outside its forward.
+
+    The backbone and head called directly would meet the root's sharded parameters (DTensors),
+    and a decoder layer called before the root ever ran forward would make itself FSDP's root.
+    So the split runs as one forward of the root (``register_fsdp_forward_method``): FSDP
+    initialises, gathers the root's parameters, and each layer gathers its own through its
+    hooks. The gathered head is copied into the result (a head that is an FSDP module of its
+    own stays as it is: its hooks gather it at each call), then the root is sharded again.
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor
+
+    def split(batch: dict[str, Any]) -> AlignedHiddenStates | None:
+        result = _split_forward(model, batch)
+        if result is not None and not isinstance(result.output_head.weight, DTensor):
+            result.output_head = _gathered_copy(result.output_head)
+        return result
+
+    # The data error before FSDP starts a forward that it would then leave unfinished.
+    _check_placeholders_have_modality(model, batch)
+    setattr(model, _FSDP_SPLIT_METHOD, split)
+    try:
+        register_fsdp_forward_method(model, _FSDP_SPLIT_METHOD)
+        return getattr(model, _FSDP_SPLIT_METHOD)(dict(batch))
+    finally:
+        delattr(model, _FSDP_SPLIT_METHOD)
+        model.reshard()
+
+
+def _gathered_copy(head: nn.Module) -> nn.Linear:
+    """A detached copy of a Linear head whose weights FSDP gathered, in memory of its own."""
+    copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    copy.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    if head.bias is not None:
+        copy.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=False)
+    return copy
+
+
 def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
     """Run a causal LM up to its final hidden states, without applying the output head.
 
@@ -732,6 +797,10 @@ def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> Aligned
     ``get_output_embeddings()(base_model(...)[0])`` (Llama, Mistral, Qwen2, Llava in
     transformers 5...), and LLaVA-style models, whose ``prepare_inputs_labels_for_multimodal`` is
     called here, then their ``base_model`` on the resulting embeddings.
+
+    A model sharded with PyTorch FSDP2 (``fully_shard``) is run as one forward of its root, so
+    that FSDP gathers the parameters and shards them again; the returned head is then a
+    gathered copy of the model's, which lives as long as the result.
 
     Args:
         model: the model (not wrapped in DDP).
@@ -745,6 +814,13 @@ def aligned_hidden_states(model: nn.Module, batch: Mapping[str, Any]) -> Aligned
         ValueError: if a LLaVA-style model gets ``input_ids`` with image placeholders but no
             image/video tensor (the collate function dropped it).
     """
+    if _is_sharded_fsdp_root(model):
+        return _split_as_fsdp_forward(model, batch)
+    return _split_forward(model, batch)
+
+
+def _split_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
+    """:func:`aligned_hidden_states` of a model whose parameters are all usable as they are."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     backbone = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
