@@ -5,6 +5,7 @@
 import their frameworks themselves.
 """
 
+from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.functional import causal_shift
 from mllm_metrics.metrics import (
     BitMatchAccuracy,
@@ -18,6 +19,7 @@ from mllm_metrics.metrics import (
 __all__ = [
     "BitMatchAccuracy",
     "ExactMatchAccuracy",
+    "MllmMetricsWarning",
     "TextBitMatchAccuracy",
     "TextExactMatch",
     "TokenNLL",

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.chunked import NOT_PREDICTED, _check_chunk_size, supervised_head_predictions
 from mllm_metrics.functional import (
     _check_label_values,
@@ -588,6 +589,7 @@ class _IgnoredOutputKeys:
                 warnings.warn(
                     f"`config.{_IGNORE_KEYS_ATTRIBUTE}` was changed after mllm_metrics set it, "
                     "so it is left as it is now.",
+                    category=MllmMetricsWarning,
                     stacklevel=3,
                 )
             elif self.had_own:
@@ -666,6 +668,7 @@ class _ChunkedEvalForward:
                     f"`logits_chunk_size` is set but {type(model).__name__} cannot be run up to "
                     "its hidden states and output head separately; evaluating with its full "
                     "forward, which holds the whole (batch, seq_len, vocab) logits.",
+                    category=MllmMetricsWarning,
                     stacklevel=2,
                 )
             return forward(*args, **kwargs)
@@ -706,6 +709,7 @@ class _ChunkedEvalForward:
                 f"`{type(model).__name__}.forward` was replaced after mllm_metrics wrapped it "
                 "(e.g. by accelerate's mixed precision), so the wrapper stays in place; it now "
                 "calls the model's own forward.",
+                category=MllmMetricsWarning,
                 stacklevel=4,
             )
         elif self.had_own_forward:

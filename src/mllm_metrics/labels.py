@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mllm_metrics._warning import MllmMetricsWarning
+
 __all__ = [
     "PREPARE_METHOD",
     "AlignedForward",
@@ -142,6 +144,7 @@ class _LabelRecorder:
             warnings.warn(
                 f"`{type(module).__name__}.{self.method}` was replaced after mllm_metrics "
                 "wrapped it, so the wrapper stays in place; it no longer records anything.",
+                category=MllmMetricsWarning,
                 stacklevel=3,
             )
         elif self.had_own_attribute:

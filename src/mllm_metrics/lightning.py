@@ -6,12 +6,20 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.trainer.states import RunningStage
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import RunningStage
+except ModuleNotFoundError as missing:  # the one line a user without the extra needs
+    raise ModuleNotFoundError(
+        f"mllm_metrics.lightning needs Lightning ({missing.msg}): "
+        'pip install "mllm-metrics[lightning]"'
+    ) from missing
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.chunked import (
     DEFAULT_LOGITS_CHUNK_SIZE,
     _check_chunk_size,
@@ -324,6 +332,7 @@ class MultimodalLMModule(pl.LightningModule):
                 "its hidden states and output head separately (no `get_output_embeddings()` "
                 "Linear head and `base_model`, or a logit transform after the head); using the "
                 "full forward, which holds the whole (batch, seq_len, vocab) logits.",
+                category=MllmMetricsWarning,
                 stacklevel=2,
             )
         return split
@@ -380,6 +389,7 @@ class MultimodalLMModule(pl.LightningModule):
                 f"{type(self).__name__}.setup() did not run (a subclass overrides `setup` without "
                 "calling `super().setup(stage)`), so the samples the DistributedSampler repeats "
                 "cannot be identified and the synced metrics may count them twice.",
+                category=MllmMetricsWarning,
                 stacklevel=2,
             )
         for dataloader_idx in range(self._loader_count(stage)):

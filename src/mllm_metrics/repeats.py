@@ -24,13 +24,15 @@ from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
+from mllm_metrics._warning import MllmMetricsWarning
+
 __all__ = ["RepeatTracker", "distributed_sampler_of", "track_repeats", "tracker_of"]
 
 _EXACTNESS = "so the metrics synced over the processes may not equal a single-process run exactly"
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, MllmMetricsWarning, stacklevel=3)
 
 
 def distributed_sampler_of(loader: object) -> DistributedSampler | None:
