@@ -222,7 +222,8 @@ class _CharTokenizer:
         ]
 
 
-def test_text_metrics_with_a_tokenizer():
+@pytest.mark.parametrize("chunk", [None, 2])  # the full logits, and the supervised-only head
+def test_text_metrics_with_a_tokenizer(chunk):
     model, batches = tiny_llama(), _text_batches()
     tokenizer = _CharTokenizer()
     text_correct = text_total = text_hits = text_count = 0
@@ -238,8 +239,9 @@ def test_text_metrics_with_a_tokenizer():
                 text_total += max(len(predicted), len(expected))
                 text_hits += predicted == expected
                 text_count += 1
-    module = MultimodalLMModule(model, tokenizer=tokenizer)
+    module = MultimodalLMModule(model, tokenizer=tokenizer, logits_chunk_size=chunk)
     [results] = _trainer().validate(module, _loader(batches), verbose=False)
+    assert 0 < text_correct < text_total
     assert results["val/text_bit_match"] == pytest.approx(text_correct / text_total)
     assert results["val/text_exact_match"] == pytest.approx(text_hits / text_count)
 
