@@ -59,6 +59,17 @@ def _check_chunk_size(chunk_size: object) -> int:
     return chunk_size
 
 
+def _nll_in_place(logits: Tensor, target: Tensor) -> Tensor:
+    """``cross_entropy(logits, target, reduction="none")``, overwriting ``logits`` (no longer
+    needed) instead of allocating a log-softmax of the same size: the chunk's peak is its
+    logits alone. The same formula as ``log_softmax``: ``log(sum(exp(x - max))) + max - x_t``.
+    """
+    target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    maxima = logits.amax(dim=-1)
+    logits.sub_(maxima.unsqueeze(1)).exp_()
+    return logits.sum(dim=-1).log_().add_(maxima).sub_(target_logits)
+
+
 @torch.no_grad()
 def supervised_head_predictions(
     hidden_states: Tensor,
@@ -113,7 +124,6 @@ def supervised_head_predictions(
         logits = output_head(hidden[chunk_rows, chunk_positions]).float()
         chunk_target = target[chunk_rows, chunk_positions].long()
         preds[chunk_rows, chunk_positions] = logits.argmax(dim=-1)
-        nll = torch.nn.functional.cross_entropy(logits, chunk_target, reduction="none")
-        row_nll.index_add_(0, chunk_rows, nll.double())
-        del logits, nll
+        row_nll.index_add_(0, chunk_rows, _nll_in_place(logits, chunk_target).double())
+        del logits
     return SupervisedPredictions(preds=preds, target=target, row_nll=row_nll)
