@@ -206,3 +206,128 @@ def test_trainer_backend_gives_the_lightning_numbers(tmp_path):
         assert hf_row["val/loss"] == pytest.approx(pl_row["val/loss"], rel=1e-4)
         for key in METRIC_KEYS[1:]:
             assert hf_row[key] == pytest.approx(pl_row[key], abs=0.005), key
+
+
+# ---- the progress bar -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every tqdm bar the demo's progress module opens."""
+    from mllm_metrics.demo import progress
+
+    opened = []
+
+    class Recording(progress.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(progress, "tqdm", Recording)
+    return opened
+
+
+@pytest.mark.parametrize("backend", ["lightning", "hf"])
+def test_progress_bar_counts_optimizer_steps(tmp_path, capfd, bars, backend):
+    result = run_demo(
+        out=tmp_path,
+        backend=backend,
+        max_steps=4,
+        val_every=2,
+        val_size=16,
+        progress_bar=True,
+        verbose=False,
+    )
+    printed = "".join(capfd.readouterr())
+    assert len(bars) == 1  # one bar for the whole run: none per validation
+    (bar,) = bars
+    assert bar.total == bar.n == 4  # optimizer steps, not the 8 micro-batches
+    final = result.history[-1]
+    assert bar.postfix == (
+        f"val bit_match {final['val/bit_match']:.3f} exact_match {final['val/exact_match']:.3f}"
+    )
+    assert "Validation" not in printed and "Epoch" not in printed  # Lightning's own bars
+    assert "eval_loss" not in printed  # the Trainer's log dictionaries
+    drawn = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("step ")]
+    assert drawn and max(len(line) for line in drawn) <= 80
+
+
+def test_no_progress_bar_opens_none(tmp_path, capfd, bars):
+    run_demo(out=tmp_path, max_steps=2, val_every=1, val_size=16, progress_bar=False)
+    assert bars == []
+    assert "\r" not in "".join(capfd.readouterr())
+
+
+def test_lightning_trainer_uses_the_step_bar():
+    from mllm_metrics.demo.lightning_backend import History, StepProgressBar, _trainer
+
+    trainer = _trainer(DemoConfig(), History(METRIC_KEYS), epochs=1)
+    assert isinstance(trainer.progress_bar_callback, StepProgressBar)
+    quiet = _trainer(DemoConfig(progress_bar=False), History(METRIC_KEYS), epochs=1)
+    assert quiet.progress_bar_callback is None
+
+
+# ---- the picture --------------------------------------------------------------------------------
+
+
+def _default_run_history() -> list[dict[str, float]]:
+    """The 21 validations of the default run, as committed in docs/demo_table.md."""
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "demo_table.md").read_text()
+    rows = [line.strip("| ").split(" | ") for line in lines.splitlines()[2:] if line.strip()]
+    return [dict(zip(["step", *METRIC_KEYS], map(float, row), strict=True)) for row in rows]
+
+
+def test_plot_shows_every_series_readably(tmp_path):
+    import matplotlib.image
+    from matplotlib.text import Text
+
+    from mllm_metrics.demo.cli import plot_history
+
+    history = _default_run_history()
+    # Here the text exact-match equals the exact-match at every step.
+    assert [r["val/text_exact_match"] for r in history] == [r["val/exact_match"] for r in history]
+    fig = plot_history(history, tmp_path / "plot.png", title="demo")
+    drawn = {}
+    for ax in fig.axes:
+        curves = [(line.get_label(), list(line.get_ydata())) for line in ax.get_lines()]
+        for i, (label, values) in enumerate(curves):
+            drawn[label] = values
+            for other, other_values in curves[i + 1 :]:  # no curve hides another
+                gap = max(abs(a - b) for a, b in zip(values, other_values, strict=True))
+                assert gap > 0.05, f"{label} and {other} coincide in one panel"
+    for key in METRIC_KEYS[1:]:
+        assert drawn[key] == [row[key] for row in history], key
+    assert any(values == [row["val/loss"] for row in history] for values in drawn.values())
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert min(t.get_fontsize() for t in texts) >= 10  # legible in a README
+    # The picture says that the text twin coincides with the token metric.
+    assert any("text_exact_match = exact_match" in t.get_text() for t in texts)
+    height, width = matplotlib.image.imread(tmp_path / "plot.png").shape[:2]
+    fig_width, fig_height = fig.get_size_inches()
+    assert (width, height) == (round(fig_width * 150), round(fig_height * 150))  # 150 dpi
+
+
+def test_without_matplotlib_the_demo_finishes_without_the_picture(tmp_path):
+    # torchmetrics imports matplotlib when it is installed: block it after `import mllm_metrics`.
+    code = (
+        "import sys, mllm_metrics\n"
+        "for name in [*sys.modules, 'matplotlib']:\n"
+        "    if name.split('.')[0] == 'matplotlib':\n"
+        "        sys.modules[name] = None\n"
+        "from mllm_metrics.demo.cli import main\n"
+        f"sys.exit(main(['demo', '--out', {str(tmp_path / 'out')!r}, *{SHORT!r}]))\n"
+    )
+    package_root = Path(mllm_metrics.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "| step | val/loss |" in result.stdout  # the final table
+    notes = [line for line in result.stdout.splitlines() if "matplotlib is not installed" in line]
+    assert notes and all('pip install "mllm-metrics[demo]"' in line for line in notes[:1])
+    # Said before training (the first note comes before the table), not after a crash.
+    assert result.stdout.index(notes[0]) < result.stdout.index("| step |")
+    assert (tmp_path / "out" / "metrics.csv").exists()
+    assert not (tmp_path / "out" / "metrics.png").exists()

@@ -231,6 +231,30 @@ def test_forward_with_inputs_embeds_skips_processing():
     assert calls == [] and out.logits.shape == (2, 5, 64)
 
 
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def test_default_config_is_tiny():
+    # A LightningCLI config that said `TinyLlavaConfig()` built a 7B-sized Llama: build it on
+    # the meta device (no memory), so that a regression fails here instead of being killed.
+    with torch.device("meta"):
+        model = TinyLlavaForCausalLM(TinyLlavaConfig())
+    assert _parameters(model) < 1e6
+    assert _parameters(model) == _parameters(TinyLlavaForCausalLM(tiny_llava_config()))
+    assert TinyLlavaConfig().to_dict() == tiny_llava_config().to_dict()
+    overrides = {"hidden_size": 48, "num_attention_heads": 4, "tokenizer_padding_side": "left"}
+    assert TinyLlavaConfig(**overrides).to_dict() == tiny_llava_config(**overrides).to_dict()
+    assert TinyLlavaConfig(**overrides).num_key_value_heads == 4  # follows the heads, as Llama
+
+
+def test_default_config_survives_save_and_load(tmp_path):
+    # save_pretrained writes only the fields that differ from TinyLlavaConfig()'s defaults.
+    TinyLlavaConfig(hidden_size=48).save_pretrained(tmp_path)
+    loaded = TinyLlavaConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == TinyLlavaConfig(hidden_size=48).to_dict()
+
+
 def test_config_roundtrip(tmp_path):
     model = _model(tokenizer_model_max_length=12, tokenizer_padding_side="left")
     model.save_pretrained(tmp_path)

@@ -5,7 +5,9 @@ model's outputs carry its processed labels, and :class:`mllm_metrics.hf.Streamin
 passed as ``compute_metrics=`` with its ``preprocess_logits`` as
 ``preprocess_logits_for_metrics=`` and ``TrainingArguments(batch_eval_metrics=True)``. The text
 metrics decode the gathered token ids with the demo's tokenizer (:class:`DecodedTextBitMatch`,
-:class:`DecodedTextExactMatch`), so they report what the Lightning module reports.
+:class:`DecodedTextExactMatch`), so they report what the Lightning module reports. The
+Trainer's own progress bars and printed log dictionaries give way to the demo's one bar of
+optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from torch.utils.data import Subset
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
+from mllm_metrics.demo.data import BitImageCollator, StepSampler
+from mllm_metrics.demo.progress import StepBar
 from mllm_metrics.metrics import (
     BitMatchAccuracy,
     ExactMatchAccuracy,
@@ -25,9 +36,9 @@ from mllm_metrics.metrics import (
 )
 
 if TYPE_CHECKING:
-    from mllm_metrics.demo.cli import DemoConfig
+    from mllm_metrics.demo.config import DemoConfig
 
-__all__ = ["DecodedTextBitMatch", "DecodedTextExactMatch", "train_hf"]
+__all__ = ["DecodedTextBitMatch", "DecodedTextExactMatch", "StepProgressCallback", "train_hf"]
 
 # ``Trainer.evaluate()`` key -> the demo's column.
 _COLUMNS = {
@@ -113,6 +124,51 @@ class DecodedTextExactMatch(TextExactMatch):
         super().update(*_decode_supervised(self.tokenizer, preds, target, self.ignore_index))
 
 
+class StepProgressCallback(TrainerCallback):
+    """The demo's progress bar (the Lightning back-end's) for ``transformers.Trainer``.
+
+    One :class:`~mllm_metrics.demo.progress.StepBar` over the optimizer steps, with the latest
+    ``eval_bit_match`` and ``eval_exact_match`` after it (shown as ``val``), in the main
+    process only. It replaces the Trainer's own callbacks that draw a bar for every evaluation
+    and print every log dictionary.
+    """
+
+    def __init__(self) -> None:
+        self._bar: StepBar | None = None
+        self._values: dict[str, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Open the bar at the current step."""
+        if state.is_world_process_zero:
+            self._bar = StepBar(state.max_steps, state.global_step, self._values)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Count the optimizer step just taken."""
+        if self._bar is not None:
+            self._bar.update_to(state.global_step)
+
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Keep (and show) the evaluation's bit-match and exact-match."""
+        for key in ("bit_match", "exact_match"):
+            if metrics and f"eval_{key}" in metrics:
+                self._values[f"val/{key}"] = float(metrics[f"eval_{key}"])
+        if self._bar is not None:
+            self._bar.show_validation(self._values)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the bar."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def train_hf(
     config: DemoConfig, model: nn.Module, tokenizer: Any, train: Any, val: Any
 ) -> list[dict[str, float]]:
@@ -133,9 +189,6 @@ def train_hf(
         One dict per validation: ``step`` and the demo's columns (``val/loss`` is
         ``eval_nll``, the token-weighted NLL of the processed labels).
     """
-    from transformers import Trainer, TrainingArguments
-
-    from mllm_metrics.demo.data import BitImageCollator, StepSampler
     from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
     streaming = StreamingMetrics(
@@ -174,7 +227,7 @@ def train_hf(
             seed=config.seed,
             remove_unused_columns=False,  # the collator needs the rows' `image` and `answer`
             dataloader_num_workers=0,
-            disable_tqdm=not config.progress_bar,
+            disable_tqdm=True,  # the demo draws its own bar, or none
             **{name: value for name, value in optional.items() if name in supported},
         )
         trainer = Trainer(
@@ -187,6 +240,11 @@ def train_hf(
             compute_metrics=streaming,
             preprocess_logits_for_metrics=streaming.preprocess_logits,
         )
+        # No log dictionaries printed and no evaluation bars: one bar of the steps at most.
+        for noisy in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(noisy)
+        if config.progress_bar:
+            trainer.add_callback(StepProgressCallback())
         if "eval_on_start" not in supported:
             trainer.evaluate()
         trainer.train()

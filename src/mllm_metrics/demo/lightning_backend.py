@@ -16,15 +16,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mllm_metrics.demo.config import METRIC_KEYS
 from mllm_metrics.demo.data import BitImageCollator, StepSampler
+from mllm_metrics.demo.progress import SHOWN_KEYS, StepBar
 from mllm_metrics.lightning import MultimodalLMModule
 
 if TYPE_CHECKING:
-    from mllm_metrics.demo.cli import DemoConfig
+    from mllm_metrics.demo.config import DemoConfig
 
 __all__ = [
     "CosineScheduleModule",
     "History",
+    "StepProgressBar",
     "cosine_factor",
     "train_lightning",
 ]
@@ -116,6 +119,78 @@ class History(pl.Callback):
         self.rows.append(row)
 
 
+class StepProgressBar(pl.callbacks.ProgressBar):
+    """Lightning's progress bar for the demo: optimizer steps up to ``max_steps``, nothing else.
+
+    Lightning's own bars count batches (micro-batches under gradient accumulation) per epoch
+    and open a bar for every validation. This one is a single :class:`StepBar` over the
+    training's optimizer steps, with the latest ``val/bit_match`` and ``val/exact_match``
+    after it (from ``trainer.validate()`` calls too), on rank 0 only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._bar: StepBar | None = None
+        self._values: dict[str, float] = {}
+
+    def disable(self) -> None:
+        """Show nothing (Lightning calls this on ranks other than 0)."""
+        self._enabled = False
+
+    def enable(self) -> None:
+        """Show the bar again."""
+        self._enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open the bar at the current step."""
+        if self._enabled:
+            self._bar = StepBar(trainer.max_steps, trainer.global_step, self._values)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count the optimizer steps taken so far (a micro-batch may take none)."""
+        if self._bar is not None:
+            self._bar.update_to(trainer.global_step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep (and show) the validation's values; no bar is drawn while it runs."""
+        if trainer.sanity_checking:
+            return
+        values = trainer.callback_metrics
+        self._values.update({key: float(values[key]) for key in SHOWN_KEYS if key in values})
+        if self._bar is not None:
+            self._bar.show_validation(self._values)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Close the bar."""
+        self._close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Close the bar, so that the traceback starts on a line of its own."""
+        self._close()
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """Print above the bar."""
+        if self._bar is None:
+            print(*args, **kwargs)
+        else:
+            self._bar.write(kwargs.get("sep", " ").join(map(str, args)))
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def train_lightning(
     config: DemoConfig, model: nn.Module, tokenizer: Any, train: Any, val: Any
 ) -> list[dict[str, float]]:
@@ -139,8 +214,6 @@ def train_lightning(
     Returns:
         One dict per validation: ``step`` and the demo's columns.
     """
-    from mllm_metrics.demo.cli import METRIC_KEYS
-
     data = _BitImageData(config, tokenizer, train, val)
     module = CosineScheduleModule(
         model,
@@ -168,6 +241,7 @@ def train_lightning(
 
 def _trainer(config: DemoConfig, history: History, epochs: int) -> pl.Trainer:
     accumulate = config.micro_batches // config.devices
+    bar: list[pl.Callback] = [StepProgressBar()] if config.progress_bar else []
     return pl.Trainer(
         accelerator="cpu",
         devices=config.devices,
@@ -182,5 +256,5 @@ def _trainer(config: DemoConfig, history: History, epochs: int) -> pl.Trainer:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=config.progress_bar,
-        callbacks=[history],
+        callbacks=[history, *bar],
     )

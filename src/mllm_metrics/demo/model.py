@@ -28,6 +28,7 @@ IMAGE_TOKEN_INDEX = -200
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN_INDEX",
+    "TINY_DEFAULTS",
     "TinyLlavaConfig",
     "TinyLlavaForCausalLM",
     "make_multimodal_batch",
@@ -35,8 +36,31 @@ __all__ = [
 ]
 
 
+#: The language-model fields :class:`TinyLlavaConfig` changes from ``LlamaConfig``'s defaults
+#: (a 7B-sized Llama): a model built from ``TinyLlavaConfig()`` has about 26 thousand parameters.
+#: ``num_key_value_heads`` follows ``num_attention_heads``, as in ``LlamaConfig``.
+TINY_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
 class TinyLlavaConfig(LlamaConfig):
-    """Llama config plus the vision and tokenizer fields a LLaVA-style model reads.
+    """Llama config plus the vision and tokenizer fields a LLaVA-style model reads; tiny by default.
+
+    Without arguments it describes a very small model (nothing is downloaded): vocabulary 64,
+    hidden size 32, 2 layers, 2 heads, intermediate size 64, at most 256 positions, 8x8
+    single-channel images in 4x4 patches (4 feature positions per image), pad id 0, BOS 1,
+    EOS 2 (:data:`TINY_DEFAULTS`; key/value heads default to the attention heads). Any field
+    can be overridden, as with ``LlamaConfig``.
 
     Args:
         image_size: Height and width of the (square) input images.
@@ -48,7 +72,14 @@ class TinyLlavaConfig(LlamaConfig):
             start); ``None`` disables truncation.
         tokenizer_padding_side: Side (``"right"`` or ``"left"``) on which processed rows are
             re-padded.
-        **kwargs: Forwarded to :class:`~transformers.LlamaConfig`.
+        **kwargs: Forwarded to :class:`~transformers.LlamaConfig`, over :data:`TINY_DEFAULTS`.
+
+    Example:
+        >>> cfg = TinyLlavaConfig()
+        >>> cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+        (32, 2, 64)
+        >>> TinyLlavaConfig(hidden_size=64, num_attention_heads=4).head_dim
+        16
     """
 
     model_type = "tiny_llava"
@@ -71,15 +102,11 @@ class TinyLlavaConfig(LlamaConfig):
         self.image_token_index = image_token_index
         self.tokenizer_model_max_length = tokenizer_model_max_length
         self.tokenizer_padding_side = tokenizer_padding_side
-        super().__init__(**kwargs)
+        super().__init__(**{**TINY_DEFAULTS, **kwargs})
 
 
 def tiny_llava_config(**overrides: Any) -> TinyLlavaConfig:
-    """Return a very small :class:`TinyLlavaConfig` (nothing is downloaded).
-
-    Defaults: vocabulary 64, hidden size 32, 2 layers, 2 heads, intermediate size 64,
-    8x8 single-channel images in 4x4 patches (4 feature positions per image), pad id 0,
-    BOS 1, EOS 2.
+    """Return a very small :class:`TinyLlavaConfig`: the same as ``TinyLlavaConfig(**overrides)``.
 
     Args:
         **overrides: Any :class:`TinyLlavaConfig` / ``LlamaConfig`` field.
@@ -92,21 +119,7 @@ def tiny_llava_config(**overrides: Any) -> TinyLlavaConfig:
         >>> cfg.hidden_size, cfg.vocab_size, cfg.tokenizer_padding_side
         (32, 64, 'left')
     """
-    kwargs: dict[str, Any] = {
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-    }
-    kwargs.update(overrides)
-    return TinyLlavaConfig(**kwargs)
+    return TinyLlavaConfig(**overrides)
 
 
 class TinyLlavaForCausalLM(LlamaForCausalLM):
