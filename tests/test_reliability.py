@@ -13,6 +13,7 @@ import torch
 from _reference import brute_force_bit_match, brute_force_exact_match
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reliability_ddp_job import LengthSortedBatchSampler
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
 from mllm_metrics import BitMatchAccuracy, ExactMatchAccuracy, TokenNLL, causal_lm_metrics
@@ -239,27 +240,6 @@ def test_counts_equal_brute_force_over_the_valid_batches_only(batches):
 # ---- repeated samples of a padding DistributedSampler, identified by dataset index ------------
 
 
-class _LengthSortedBatches:
-    """A length-grouping batch sampler: each window of indices, sorted by descending length."""
-
-    def __init__(self, sampler, batch_size: int, lengths: list[int]) -> None:
-        self.sampler, self.batch_size, self.lengths = sampler, batch_size, lengths
-        self.drop_last = False
-
-    def __iter__(self):
-        window = []
-        for index in self.sampler:
-            window.append(index)
-            if len(window) == self.batch_size:
-                yield sorted(window, key=lambda i: -self.lengths[i])
-                window = []
-        if window:
-            yield sorted(window, key=lambda i: -self.lengths[i])
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-
 def _rank_indices(size: int, world: int, rank: int, shuffle: bool) -> tuple[list[int], set[int]]:
     """This rank's share and its padding, written out from DistributedSampler's contract."""
     order = (
@@ -284,7 +264,7 @@ def _loaders(size: int, rank: int, shuffle: bool):
 
     yield DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=rows)
     yield DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=rows, num_workers=2)
-    sorted_batches = _LengthSortedBatches(sampler, 3, lengths)
+    sorted_batches = LengthSortedBatchSampler(sampler, 3, lengths)
     yield DataLoader(dataset, batch_sampler=sorted_batches, collate_fn=rows)
     # Pre-collated items: each dataset item is already a batch of 1 to 3 rows.
     items = [[100 * i + r for r in range(1 + i % 3)] for i in range(size)]
