@@ -59,13 +59,13 @@ def _check_chunk_size(chunk_size: object) -> int:
     return chunk_size
 
 
-def _nll_in_place(logits: Tensor, target: Tensor) -> Tensor:
+def _nll_in_place(logits: Tensor, target: Tensor, maxima: Tensor) -> Tensor:
     """``cross_entropy(logits, target, reduction="none")``, overwriting ``logits`` (no longer
     needed) instead of allocating a log-softmax of the same size: the chunk's peak is its
-    logits alone. The same formula as ``log_softmax``: ``log(sum(exp(x - max))) + max - x_t``.
+    logits alone. The same formula as ``log_softmax``: ``log(sum(exp(x - max))) + max - x_t``,
+    with ``maxima`` the rows' maxima (taken with the argmax).
     """
     target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-    maxima = logits.amax(dim=-1)
     logits.sub_(maxima.unsqueeze(1)).exp_()
     return logits.sum(dim=-1).log_().add_(maxima).sub_(target_logits)
 
@@ -123,7 +123,8 @@ def supervised_head_predictions(
         )
         logits = output_head(hidden[chunk_rows, chunk_positions]).float()
         chunk_target = target[chunk_rows, chunk_positions].long()
-        preds[chunk_rows, chunk_positions] = logits.argmax(dim=-1)
-        row_nll.index_add_(0, chunk_rows, _nll_in_place(logits, chunk_target).double())
+        maxima, preds[chunk_rows, chunk_positions] = logits.max(dim=-1)  # one pass for both
+        nll = _nll_in_place(logits, chunk_target, maxima)
+        row_nll.index_add_(0, chunk_rows, nll.double())
         del logits
     return SupervisedPredictions(preds=preds, target=target, row_nll=row_nll)
