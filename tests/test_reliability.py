@@ -300,6 +300,23 @@ def test_repeated_rows_are_found_by_dataset_index(size, rank, shuffle):
             assert len(set(kept)) == (len(kept) if not pre_collated else len(set(kept)))
 
 
+def test_the_padding_is_the_one_of_the_iteration_that_drew_the_batches():
+    # A callback that moves the sampler to another epoch once the loader has started (after
+    # Lightning prefetched the first batch) must not change which rows are the repeats.
+    dataset = list(range(7))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0)
+    share, padding = _rank_indices(7, 2, 1, shuffle=True)
+    tracked, tracker = track_repeats(DataLoader(dataset, batch_size=2, sampler=sampler), "loader")
+    batches = iter(tracked)
+    drawn = [next(batches).tolist()]
+    sampler.set_epoch(5)
+    drawn += [batch.tolist() for batch in batches]
+    flags = [tracker.repeated_rows(len(batch)) or [False] * len(batch) for batch in drawn]
+    flagged = {i for batch, row in zip(drawn, flags) for i, f in zip(batch, row) if f}
+    assert sorted(i for batch in drawn for i in batch) == sorted(share)
+    assert flagged == padding and len(padding) == 1
+
+
 def test_the_users_loader_is_left_as_it_is():
     dataset = list(range(5))
     sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)

@@ -82,6 +82,8 @@ class _RecordingIndexSampler(Sampler):
     def __iter__(self) -> Iterator[Any]:
         record = self.tracker._start()
         for entry in self.index_sampler:
+            if not record:  # the sampler has begun this iteration: its padding is now fixed
+                self.tracker._fix_repeats()
             record.append(entry)
             yield entry
 
@@ -113,16 +115,17 @@ class RepeatTracker:
         self._repeats = None
         return self._record
 
-    def _repeated_indices(self) -> frozenset[Any] | None:
-        if self._repeats is None:
-            order = _rank_order(self.sampler)
-            if order is None:
-                return None
-            real = max(
-                0, -(-(len(self.sampler.dataset) - self.sampler.rank) // self.sampler.num_replicas)
-            )
-            self._repeats = frozenset(order[real:])
-        return self._repeats
+    def _fix_repeats(self) -> None:
+        """Read this iteration's padding from the sampler, once its iteration has begun (its
+        epoch, and the order a wrapped sampler drew, are then those of the batches recorded);
+        None when the sampler orders its indices in an unknown way."""
+        order = _rank_order(self.sampler)
+        if order is None:
+            self._repeats = None
+            return
+        sampler = self.sampler
+        real = max(0, -(-(len(sampler.dataset) - sampler.rank) // sampler.num_replicas))
+        self._repeats = frozenset(order[real:])
 
     def _cannot_identify(self, cause: str) -> None:
         if not self._warned:
@@ -141,7 +144,7 @@ class RepeatTracker:
             )
             return None
         entry = self._record.popleft()
-        repeats = self._repeated_indices()
+        repeats = self._repeats
         if repeats is None:
             self._cannot_identify(
                 f"its sampler {type(self.sampler).__name__} overrides `__iter__`, so the order "
@@ -151,7 +154,7 @@ class RepeatTracker:
         if not repeats:
             return None
         if not self.batched:  # `batch_size=None`: one index per item, a whole pre-collated batch
-            return [entry in repeats] * rows if entry in repeats else None
+            return [True] * rows if entry in repeats else None
         entry = list(entry)
         if len(entry) != rows:
             self._cannot_identify(
