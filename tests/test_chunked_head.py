@@ -208,6 +208,19 @@ def test_signature_copies_pickling_and_remove():
     pickle.dumps(model)  # fine once removed
 
 
+def test_a_deep_copy_calls_its_own_forward_when_the_instance_had_one():
+    model = tiny_llama().eval()
+    model.forward = model.forward  # an instance-level forward, as accelerate's wrappers set
+    input_ids = torch.randint(16, (2, 6), generator=torch.Generator().manual_seed(0))
+    handle = expose_processed_labels(model, logits_chunk_size=2)
+    duplicate = copy.deepcopy(model)
+    with torch.no_grad():
+        duplicate.get_output_embeddings().weight.mul_(-1)
+        mine, theirs = model(input_ids=input_ids), duplicate(input_ids=input_ids)  # no labels
+    assert not torch.allclose(mine.logits, theirs.logits)  # the copy ran its own weights
+    handle.remove()
+
+
 def test_a_model_with_logit_soft_capping_falls_back_with_a_warning(tmp_path):
     if not hasattr(transformers, "Gemma2Config"):
         pytest.skip("this transformers release has no Gemma2")

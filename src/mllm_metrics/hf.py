@@ -41,6 +41,7 @@ This module does not import ``transformers``: it works with whatever ``Trainer``
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import warnings
@@ -691,6 +692,8 @@ class _ChunkedEvalForward:
         clone.__dict__.update(self.__dict__)
         if isinstance(copied, nn.Module):
             clone.model_ref = weakref.ref(copied)
+            # A forward the instance had of its own is bound to the original: bind it to the copy.
+            clone.own_forward = copy.deepcopy(self.own_forward, memo)
         return clone
 
     def __reduce__(self) -> Any:
