@@ -11,14 +11,9 @@ counts must equal the single-process ones.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _torchrun import run_on_two_processes
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightning.pytorch")
@@ -28,21 +23,12 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard") or not hasattr(fsdp, "register_fsdp_forward_method"):
     pytest.skip("this torch has no FSDP2 (`fully_shard`)", allow_module_level=True)
 
-TESTS = Path(__file__).resolve().parent
 MODELS = ("llava", "llama", "llama_head_unit")
 
 
 @pytest.fixture(scope="module")
 def ranks_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    path = [str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", str(TESTS / "fsdp_job.py"), str(out_dir)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return run_on_two_processes("fsdp_job.py", tmp_path_factory.mktemp("fsdp"))
 
 
 def _counts(split: list[dict]) -> dict:

@@ -8,13 +8,8 @@ count or a duplicated sample that a ratio would hide.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from _torchrun import run_on_two_processes
 
 pytest.importorskip("transformers")
 from _hf_setup import (  # noqa: E402
@@ -28,21 +23,12 @@ from _hf_setup import (  # noqa: E402
 
 from mllm_metrics.hf import StreamingMetrics, expose_processed_labels  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
 METRICS = ("bit_match", "exact_match", "supervised_tokens", "correct_tokens", "rows")
 
 
 @pytest.fixture(scope="module")
 def ranks_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("hf_ddp")
-    path = [str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", str(TESTS / "_hf_setup.py"), str(out_dir)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return run_on_two_processes("_hf_setup.py", tmp_path_factory.mktemp("hf_ddp"))
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,9 @@ from mllm_metrics.labels import (
 )
 
 transformers = pytest.importorskip("transformers")
-from mllm_metrics.demo import (  # noqa: E402
-    TinyLlavaForCausalLM,
-    make_multimodal_batch,
-    tiny_llava_config,
-)
+from test_labels import _batch, _tiny_llava  # noqa: E402
+
+from mllm_metrics.demo import TinyLlavaForCausalLM, make_multimodal_batch  # noqa: E402
 from mllm_metrics.hf import expose_processed_labels as hf_expose_processed_labels  # noqa: E402
 
 HOOK_DICTS = (
@@ -40,18 +38,6 @@ HOOK_DICTS = (
     "_forward_hooks_always_called",
 )
 IGNORE_KEYS = "keys_to_ignore_at_inference"
-
-
-def _tiny_llava(**overrides) -> TinyLlavaForCausalLM:
-    torch.manual_seed(0)
-    return TinyLlavaForCausalLM(tiny_llava_config(**overrides)).eval()
-
-
-def _batch():
-    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    return make_multimodal_batch(
-        [[1, -200, 7], [1, 8], [-200, 9, -200]], [[5, 6, 2], [4, 2], [3, 3, 3, 2]], images
-    )
 
 
 def _trace(model: nn.Module) -> dict:

@@ -519,9 +519,10 @@ class _FailingModel(torch.nn.Module):
 
 
 def _lightning_setup():
-    pl = pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch")
     pytest.importorskip("transformers")
     from _models import tiny_llama
+    from test_lightning import _trainer as trainer
 
     from mllm_metrics.lightning import MultimodalLMModule
 
@@ -532,16 +533,6 @@ def _lightning_setup():
         labels[:, :2] = -100
         batches.append({"input_ids": labels.clamp(min=0), "labels": labels})
     loader = DataLoader(batches, batch_size=None)
-
-    def trainer(**kwargs):
-        options = dict(
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
-        return pl.Trainer(**(options | kwargs))
 
     def module(model, **kwargs):  # the full forward: the wrapper below cannot be split
         return MultimodalLMModule(model, logits_chunk_size=None, **kwargs)
