@@ -28,20 +28,29 @@ def _run(out_dir: Path, devices: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lightning-ddp")
-    return _run(root / "single", 1)[0], _run(root / "ddp", 2)
+    single, ddp = _run(root / "single", 1)[0], _run(root / "ddp", 2)
+    return single, ddp, _records(root / "single"), _records(root / "ddp")
 
 
 def _assert_same_values(ddp: dict, single: dict) -> None:
     assert ddp.keys() == single.keys()
     for name, value in single.items():
         if "loss" in name or "nll_sum" in name:  # a float sum added in another order
-            assert ddp[name] == pytest.approx(value, rel=1e-6), name
+            assert ddp[name] == pytest.approx(value, rel=1e-6, nan_ok=True), name
         else:  # ratios of exact integer counts
             assert ddp[name] == value, name
 
 
+def _records(run_dir: Path) -> dict[str, list[dict]]:
+    folder = run_dir / "records"
+    return {
+        path.name: [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(folder.iterdir())
+    }
+
+
 def test_counts_summed_over_ranks_equal_the_single_process_counts(runs):
-    single, ddp_ranks = runs
+    single, ddp_ranks, _, _ = runs
     for rank in ddp_ranks:
         # Both validation epochs (in fit, then validate) see each of the 7 + 5 samples once:
         # the DistributedSampler's repeated samples are not counted.
@@ -53,9 +62,40 @@ def test_counts_summed_over_ranks_equal_the_single_process_counts(runs):
 
 
 def test_logged_values_equal_the_single_process_values(runs):
-    single, ddp_ranks = runs
+    single, ddp_ranks, _, _ = runs
     for rank in ddp_ranks:
         _assert_same_values(rank["fit"], single["fit"])
         assert len(rank["validate"]) == 2  # one result per dataloader
         for ddp_loader, single_loader in zip(rank["validate"], single["validate"], strict=True):
             _assert_same_values(ddp_loader, single_loader)
+
+
+def test_group_counts_summed_over_ranks_equal_the_single_process_counts(runs):
+    single, ddp_ranks, _, _ = runs
+    for rank in ddp_ranks:
+        counts = rank["counts"]["epoch_3"]
+        # Groups by index % 3 % 2: samples 0..6 give 5 vqa and 2 ocr, 0..4 give 3 and 2; no chart.
+        assert counts["val_0/exact_match_total_per_group"] == [5, 2, 0]
+        assert counts["val_1/exact_match_total_per_group"] == [3, 2, 0]
+        _assert_same_values(counts, single["counts"]["epoch_3"])
+    assert "val/bit_match/vqa/dataloader_idx_0" in single["fit"]
+    assert "val/exact_match/macro/dataloader_idx_1" in single["fit"]
+
+
+def test_records_files_equal_the_single_process_files(runs):
+    _, _, single, ddp = runs
+    # The sanity check writes nothing; fit's validation and validate() run at step 2.
+    assert sorted(single) == ["val_step0000002_dl0.jsonl", "val_step0000002_dl1.jsonl"]
+    assert sorted(ddp) == sorted(single)
+    for name, records in single.items():
+        assert [r["index"] for r in records] == list(range(7 if "dl0" in name else 5))
+        assert len(ddp[name]) == len(records), name  # every sample once: no repeat recorded
+        for ddp_record, record in zip(ddp[name], records, strict=True):
+            # The NLL is summed over other batch layouts (other padding): equal to rounding.
+            assert ddp_record["nll"] == pytest.approx(record["nll"], rel=1e-5, abs=1e-6)
+            assert {k: v for k, v in ddp_record.items() if k != "nll"} == {
+                k: v for k, v in record.items() if k != "nll"
+            }
+        assert [r["group"] for r in records] == [
+            ("vqa", "ocr")[i % 3 % 2] for i in range(len(records))
+        ]

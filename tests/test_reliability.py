@@ -287,7 +287,7 @@ def test_repeated_rows_are_found_by_dataset_index(size, rank, shuffle):
         for _epoch in range(2):  # a new iteration starts a new record
             flagged, kept = set(), []
             for batch in tracked:
-                repeated = tracker.repeated_rows(len(batch)) or [False] * len(batch)
+                repeated = tracker.next_batch(len(batch)).repeated or [False] * len(batch)
                 for value, flag in zip(batch, repeated, strict=True):
                     index = value // 100 if pre_collated else value
                     assert flag == (index in padding), (index, padding)
@@ -311,7 +311,7 @@ def test_the_padding_is_the_one_of_the_iteration_that_drew_the_batches():
     drawn = [next(batches).tolist()]
     sampler.set_epoch(5)
     drawn += [batch.tolist() for batch in batches]
-    flags = [tracker.repeated_rows(len(batch)) or [False] * len(batch) for batch in drawn]
+    flags = [tracker.next_batch(len(batch)).repeated or [False] * len(batch) for batch in drawn]
     flagged = {i for batch, row in zip(drawn, flags) for i, f in zip(batch, row) if f}
     assert sorted(i for batch in drawn for i in batch) == sorted(share)
     assert flagged == padding and len(padding) == 1
@@ -364,12 +364,43 @@ def test_loaders_that_cannot_be_exact_warn_with_the_cause(build, cause):
         track_repeats(build(sampler), "val dataloader 0")
 
 
-def test_a_loader_without_padding_needs_no_tracking_and_no_warning():
+def test_a_loader_without_padding_has_no_repeats_and_gives_positions_without_warning():
     dataset = list(range(6))
-    loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, 2, 1))
+    loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, 2, 1, False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert track_repeats(loader, "val dataloader 0") == (loader, None)
+        tracked, tracker = track_repeats(loader, "val dataloader 0")
+        batches = [batch.tolist() for batch in tracked]
+        samples = [tracker.next_batch(len(batch)) for batch in batches]
+    # Rank 1 of 2 gets the odd indices; its k-th sample is at 1 + 2k in one process's order.
+    assert batches == [[1, 3], [5]]
+    assert samples == [([(1, 0), (3, 0)], None), ([(5, 0)], None)]
+
+
+def test_positions_follow_the_sampler_order_through_a_reordering_batch_sampler():
+    dataset = list(range(7))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=3)
+    order = list(sampler)  # this rank's share, in the sampler's order
+
+    # A batch sampler that draws the whole share, then serves it backwards in pairs.
+    class Backwards:
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def __iter__(self):
+            drawn = list(self.sampler)[::-1]
+            return iter([drawn[i : i + 2] for i in range(0, len(drawn), 2)])
+
+        def __len__(self):
+            return 2
+
+    tracked, tracker = track_repeats(DataLoader(dataset, batch_sampler=Backwards(sampler)), "t")
+    seen = {}
+    for batch in tracked:
+        for index, place in zip(batch.tolist(), tracker.next_batch(len(batch)).positions):
+            seen[index] = place
+    # Rank 0 has 4 samples, none repeated (7 = 2 * 4 - 1: rank 1 holds the repeat).
+    assert seen == {index: (2 * k, 0) for k, index in enumerate(order)}
 
 
 def test_batch_sampler_is_a_plain_batch_sampler_after_tracking():
@@ -587,8 +618,8 @@ def test_lightnings_sampler_wrapper_over_a_custom_sampler_is_understood():
     # Positions 0..5 of [4, 3, 2, 1, 0, 4]: rank 1 gets positions 1, 3, 5 -> 3, 1 and a repeat 4.
     batches = [batch.tolist() for batch in tracked]
     assert batches == [[3, 1], [4]]
-    assert tracker.repeated_rows(2) is None
-    assert tracker.repeated_rows(1) == [True]
+    assert tracker.next_batch(2) == ([(1, 0), (3, 0)], None)  # rank 1: positions 1, 3
+    assert tracker.next_batch(1) == ([None], [True])
 
 
 _TEXTS = st.text(alphabet="01 x", max_size=5)

@@ -7,6 +7,7 @@ import their frameworks themselves.
 
 from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.functional import causal_shift
+from mllm_metrics.grouped import GroupedMetric
 from mllm_metrics.metrics import (
     BitMatchAccuracy,
     ExactMatchAccuracy,
@@ -19,6 +20,7 @@ from mllm_metrics.metrics import (
 __all__ = [
     "BitMatchAccuracy",
     "ExactMatchAccuracy",
+    "GroupedMetric",
     "MllmMetricsWarning",
     "TextBitMatchAccuracy",
     "TextExactMatch",

@@ -178,22 +178,35 @@ def causal_shift(preds_or_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
     return _argmax_ids(preds_or_logits[:, :-1]), labels[:, 1:]
 
 
+def _bit_match_rows(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Each row's supervised positions that match, and its supervised positions: (B,) int64."""
+    supervised = target != ignore_index
+    correct = (preds == target).logical_and_(supervised).sum(dim=1)
+    return correct, supervised.sum(dim=1)
+
+
 def _bit_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Count supervised positions that match, and supervised positions (int64, no sync)."""
+    correct, supervised = _bit_match_rows(preds, target, ignore_index)
+    return correct.sum(), supervised.sum()
+
+
+def _exact_match_rows(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per row, (B,) int64: 1 when it has a supervised position and all of them match; 1 when
+    it has a supervised position (a row without one is not counted)."""
+    if target.shape[1] == 0:  # amax needs a non-empty dim; no row has a supervised position
+        zeros = target.new_zeros(target.shape[0], dtype=torch.long)
+        return zeros, zeros
     supervised = target != ignore_index
-    correct = (preds == target).logical_and_(supervised).sum()
-    return correct, supervised.sum()
+    wrong = (preds != target).logical_and_(supervised)
+    counted, any_wrong = supervised.amax(dim=1), wrong.amax(dim=1)  # amax: a faster `any`
+    return counted.gt(any_wrong).long(), counted.long()  # on bools, a > b is a and not b
 
 
 def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Count rows whose supervised positions all match, and rows with a supervised position."""
-    if target.shape[1] == 0:  # amax needs a non-empty dim; no row has a supervised position
-        zero = target.new_zeros((), dtype=torch.long)
-        return zero, zero
-    supervised = target != ignore_index
-    wrong = (preds != target).logical_and_(supervised)
-    counted, any_wrong = supervised.amax(dim=1), wrong.amax(dim=1)  # amax: a faster `any`
-    return counted.gt(any_wrong).sum(), counted.sum()  # on bools, a > b is a and not b
+    exact, counted = _exact_match_rows(preds, target, ignore_index)
+    return exact.sum(), counted.sum()
 
 
 def _row_nll(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,14 @@ from mllm_metrics.chunked import (
     _check_chunk_size,
     supervised_head_predictions,
 )
-from mllm_metrics.functional import causal_shift
+from mllm_metrics.functional import (
+    _bit_match_rows,
+    _check_token_inputs,
+    _exact_match_rows,
+    _row_nll,
+    causal_shift,
+)
+from mllm_metrics.grouped import MACRO, GroupedMetric, _check_groups, group_ids
 from mllm_metrics.labels import (
     AlignedForward,
     AlignedHiddenStates,
@@ -35,13 +43,17 @@ from mllm_metrics.labels import (
     select_aligned_labels,
 )
 from mllm_metrics.metrics import (
+    BitMatchAccuracy,
+    ExactMatchAccuracy,
     TextBitMatchAccuracy,
     TextExactMatch,
     TokenNLL,
+    _SumStates,
     _unchanged_on_error,
     causal_lm_metrics,
 )
-from mllm_metrics.repeats import distributed_sampler_of, track_repeats, tracker_of
+from mllm_metrics.records import SampleRecords, records_file_name, row_statistics
+from mllm_metrics.repeats import BatchSamples, distributed_sampler_of, track_repeats, tracker_of
 
 __all__ = ["MultimodalLMModule"]
 
@@ -102,6 +114,19 @@ class MultimodalLMModule(pl.LightningModule):
             split (see :func:`~mllm_metrics.labels.aligned_hidden_states`) run their own
             forward, with a warning when a chunk size was asked for; for those that need their
             labels inside ``forward`` (LLaVA-style) that forward also computes their loss.
+        group_key: the batch key that holds each row's group (a list of names, or an int
+            tensor ``(B,)`` of positions in ``groups``); it is removed from the batch before
+            the model sees it. Adds ``val/bit_match/<group>``, ``val/exact_match/<group>`` and
+            ``val/loss/<group>`` for every group, and ``val/bit_match/macro`` and
+            ``val/exact_match/macro``, the means over the groups that have data (see
+            :class:`~mllm_metrics.GroupedMetric`). Needs ``groups``.
+        groups: the group names, every value ``batch[group_key]`` may hold.
+        records_dir: after every validation/test epoch (not the sanity check), write one JSON
+            Lines file of per-sample records there, ``{stage}_step{global_step:07d}.jsonl``
+            (``..._dl{N}.jsonl`` with several dataloaders); see :mod:`mllm_metrics.records`.
+            Lines follow the order one process sees the samples (under DDP, the sampler's order
+            over all processes, each sample once); with ``group_key`` they hold ``group``, with
+            a ``tokenizer`` ``prediction`` and ``reference``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -131,11 +156,22 @@ class MultimodalLMModule(pl.LightningModule):
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         logits_chunk_size: int | None = DEFAULT_LOGITS_CHUNK_SIZE,
+        group_key: str | None = None,
+        groups: Sequence[str] | None = None,
+        records_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if logits_chunk_size is not None:
             _check_chunk_size(logits_chunk_size)
         self.logits_chunk_size = logits_chunk_size
+        if (group_key is None) != (groups is None):
+            raise ValueError(
+                "`group_key` and `groups` go together: the key of each row's group in the batch, "
+                f"and the names of all the groups; got group_key={group_key!r}, groups={groups!r}."
+            )
+        self.group_key = group_key
+        self.groups = None if groups is None else _check_groups(groups)
+        self.records_dir = None if records_dir is None else Path(records_dir)
         if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
@@ -161,6 +197,8 @@ class MultimodalLMModule(pl.LightningModule):
         self.eval_metrics = nn.ModuleDict()
         self._cannot_split = False
         self._log_at_epoch_end: dict[str, bool] = {}
+        self._records: dict[str, SampleRecords] = {}
+        self._rows_seen: dict[str, int] = {}
 
     def forward(self, **batch: Any) -> Any:
         """Call the wrapped model."""
@@ -178,6 +216,7 @@ class MultimodalLMModule(pl.LightningModule):
         positions at a time (every position, so the ids can be decoded whole); the logits are
         never kept. ``trainer.predict(module, loader)`` returns one such dict per batch.
         """
+        batch = self._model_batch(batch)
         split = self._split_forward(batch)
         if split is None:
             result = self._full_forward(batch)
@@ -198,7 +237,7 @@ class MultimodalLMModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """Return the model's own loss, logged as ``train/loss``."""
-        outputs = self.model(**batch)
+        outputs = self.model(**self._model_batch(batch))
         loss = (
             outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
         )
@@ -242,12 +281,16 @@ class MultimodalLMModule(pl.LightningModule):
         self._start_epoch("test")
 
     def on_validation_epoch_end(self) -> None:
-        """Log the ``val/`` metric objects; Lightning syncs, computes and resets them."""
+        """Log the ``val/`` metric objects (Lightning syncs, computes and resets them) and
+        write the records."""
         self._log_epoch("val")
+        self._write_records("val")
 
     def on_test_epoch_end(self) -> None:
-        """Log the ``test/`` metric objects; Lightning syncs, computes and resets them."""
+        """Log the ``test/`` metric objects (Lightning syncs, computes and resets them) and
+        write the records."""
         self._log_epoch("test")
+        self._write_records("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; subclass to change it."""
@@ -257,7 +300,9 @@ class MultimodalLMModule(pl.LightningModule):
     def _evaluation_step(self, stage: str, batch: Mapping[str, Any], dataloader_idx: int) -> None:
         metrics = self._metrics_for(stage, dataloader_idx)
         # Taken before the forward: every batch consumes its record, even one that fails.
-        repeated = self._repeated_rows(stage, dataloader_idx, batch)
+        samples = self._batch_samples(stage, dataloader_idx, batch)
+        group = self._group_ids(batch)
+        batch = self._model_batch(batch)
         split = self._split_forward(batch)
         with _unchanged_on_error([m for m in metrics.modules() if isinstance(m, Metric)]):
             if split is None or self.logits_chunk_size is None:
@@ -266,11 +311,12 @@ class MultimodalLMModule(pl.LightningModule):
                     logits, labels = result.logits, result.labels
                 else:  # the whole logits, but no loss of the model's own: one cross-entropy
                     logits, labels = split.output_head(split.hidden_states), split.labels
-                labels = self._checked_labels(labels, stage, batch, repeated)
+                labels = self._checked_labels(labels, stage, batch, samples.repeated)
                 preds, target = causal_shift(logits, labels)
-                metrics["loss"].update(logits[:, :-1], target)
+                _check_token_inputs(logits[:, :-1], target, self.ignore_index)
+                row_nll = _row_nll(logits[:, :-1], target, self.ignore_index)
             else:
-                labels = self._checked_labels(split.labels, stage, batch, repeated)
+                labels = self._checked_labels(split.labels, stage, batch, samples.repeated)
                 chunked = supervised_head_predictions(
                     split.hidden_states,
                     split.output_head,
@@ -278,14 +324,104 @@ class MultimodalLMModule(pl.LightningModule):
                     self.logits_chunk_size,
                     self.ignore_index,
                 )
-                preds, target = chunked.preds, chunked.target
-                supervised = (target != self.ignore_index).sum()
-                metrics["loss"]._update_sums(chunked.row_nll.sum(), supervised)
+                preds, target, row_nll = chunked.preds, chunked.target, chunked.row_nll
+            supervised = (target != self.ignore_index).sum()
+            metrics["loss"]._update_sums(row_nll.sum(dtype=torch.float64), supervised)
             metrics["tokens"].update(preds, target)
+            kept = self._recorded_rows(samples, target.shape[0])
+            texts = None
             if self.tokenizer is not None:
-                self._update_text_metrics(metrics["text"], preds, target)
+                texts = self._decoded_spans(preds, target, kept)
+                self._update_text_metrics(metrics["text"], target, kept, texts)
+            if group is not None:
+                self._update_groups(metrics["groups"], preds, target, row_nll, group)
+            if self.records_dir is not None:
+                self._add_records(
+                    stage, dataloader_idx, samples, kept, preds, target, row_nll, group, texts
+                )
         if not self._log_at_epoch_end.get(stage, False):
             self._log_metrics(stage, metrics, from_step=True)
+
+    def _model_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The batch without the group key, which is ours, not the model's."""
+        if self.group_key is None or self.group_key not in batch:
+            return batch
+        return {key: value for key, value in batch.items() if key != self.group_key}
+
+    def _group_ids(self, batch: Mapping[str, Any]) -> Tensor | None:
+        if self.group_key is None:
+            return None
+        if self.group_key not in batch:
+            raise ValueError(
+                f"The batch has no {self.group_key!r} (`group_key`); its keys: {sorted(batch)}. "
+                "Every evaluation batch must say which group each row belongs to."
+            )
+        rows = _batch_size(batch)
+        value = batch[self.group_key]
+        return group_ids(value, self.groups, len(value) if rows is None else rows, self.device)
+
+    def _update_groups(
+        self,
+        grouped: nn.ModuleDict,
+        preds: Tensor,
+        target: Tensor,
+        row_nll: Tensor,
+        group: Tensor,
+    ) -> None:
+        correct, supervised = _bit_match_rows(preds, target, self.ignore_index)
+        grouped["bit_match"]._update_rows(correct, supervised, group)
+        grouped["exact_match"]._update_rows(
+            *_exact_match_rows(preds, target, self.ignore_index), group
+        )
+        grouped["loss"]._update_rows(row_nll, supervised, group)
+
+    @staticmethod
+    def _recorded_rows(samples: BatchSamples, rows: int) -> list[int]:
+        """The rows that are samples of the eval set: all but the sampler's repeats."""
+        if samples.repeated is None:
+            return list(range(rows))
+        return [row for row, repeated in enumerate(samples.repeated) if not repeated]
+
+    def _add_records(
+        self,
+        stage: str,
+        dataloader_idx: int,
+        samples: BatchSamples,
+        kept: list[int],
+        preds: Tensor,
+        target: Tensor,
+        row_nll: Tensor,
+        group: Tensor | None,
+        texts: tuple[list[str], list[str]] | None,
+    ) -> None:
+        key = f"{stage}_{dataloader_idx}"
+        seen = self._rows_seen.get(key, 0)
+        self._rows_seen[key] = seen + target.shape[0]
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        positions = samples.positions
+        if positions is None or any(positions[row] is None for row in kept):
+            # Where the sampler's order is unknown: this process's order, interleaved as a
+            # DistributedSampler would (one process: the order of the batches).
+            positions = [((seen + row) * world + rank, 0) for row in range(target.shape[0])]
+        rows = torch.tensor(kept, dtype=torch.long, device=target.device)
+        columns = row_statistics(preds[rows], target[rows], row_nll[rows], self.ignore_index)
+        if group is not None:
+            columns["group"] = [self.groups[i] for i in group[rows].tolist()]
+        if texts is not None:
+            columns["prediction"], columns["reference"] = texts
+        self._records.setdefault(key, SampleRecords()).add([positions[r] for r in kept], columns)
+
+    def _write_records(self, stage: str) -> None:
+        """Write this epoch's records of every dataloader (every process takes part)."""
+        count = self._loader_count(stage)
+        for dataloader_idx in range(count):
+            records = self._records.pop(f"{stage}_{dataloader_idx}", SampleRecords())
+            if self.records_dir is None or self.trainer.sanity_checking:
+                continue
+            name = records_file_name(
+                stage, self.trainer.global_step, dataloader_idx if count > 1 else None
+            )
+            records.write(self.records_dir / name)
 
     def _checked_labels(
         self,
@@ -310,14 +446,14 @@ class MultimodalLMModule(pl.LightningModule):
         rows = torch.tensor(repeated, device=labels.device)
         return labels.masked_fill(rows.unsqueeze(1), self.ignore_index)
 
-    def _repeated_rows(
+    def _batch_samples(
         self, stage: str, dataloader_idx: int, batch: Mapping[str, Any]
-    ) -> list[bool] | None:
+    ) -> BatchSamples:
         tracker = tracker_of(self._loader(stage, dataloader_idx))
         rows = _batch_size(batch)
         if tracker is None or rows is None:
-            return None
-        return tracker.repeated_rows(rows)
+            return BatchSamples(None, None)
+        return tracker.next_batch(rows)
 
     def _split_forward(self, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
         if self._cannot_split:
@@ -362,21 +498,55 @@ class MultimodalLMModule(pl.LightningModule):
                     },
                     prefix=f"{stage}/",
                 )
+            if self.groups is not None:
+                metrics["groups"], metrics["group_values"] = self._grouped_metrics()
             self.eval_metrics[key] = nn.ModuleDict(metrics).to(self.device)
             # Lightning caches where each logged Metric lives; new metrics need a fresh cache.
             self._metric_attributes = None
         return self.eval_metrics[key]
 
-    def _update_text_metrics(
-        self, metrics: MetricCollection, preds: Tensor, target: Tensor
-    ) -> None:
+    def _grouped_metrics(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+        """The per-group sums, and one loggable value per logged key (group names may hold
+        characters a module name cannot, so the values are named by position)."""
+        grouped = nn.ModuleDict(
+            {
+                "bit_match": GroupedMetric(BitMatchAccuracy(self.ignore_index), self.groups),
+                "exact_match": GroupedMetric(ExactMatchAccuracy(self.ignore_index), self.groups),
+                "loss": GroupedMetric(TokenNLL(self.ignore_index), self.groups),
+            }
+        )
+        values = {}
+        for name, metric in grouped.items():
+            keys = list(self.groups) + ([MACRO] if name != "loss" else [])
+            for position, key in enumerate(keys):
+                values[f"{name}_{position}"] = _GroupValue(metric, key, f"{name}/{key}")
+        return grouped, nn.ModuleDict(values)
+
+    def _decoded_spans(
+        self, preds: Tensor, target: Tensor, rows: list[int]
+    ) -> tuple[list[str], list[str]]:
+        """The decoded predicted and reference supervised spans of ``rows``."""
         supervised = target != self.ignore_index
-        rows = supervised.any(dim=1).nonzero().flatten().tolist()
         predicted = [preds[row][supervised[row]].tolist() for row in rows]
         expected = [target[row][supervised[row]].tolist() for row in rows]
-        metrics.update(
+        return (
             self.tokenizer.batch_decode(predicted, skip_special_tokens=True),
             self.tokenizer.batch_decode(expected, skip_special_tokens=True),
+        )
+
+    def _update_text_metrics(
+        self,
+        metrics: MetricCollection,
+        target: Tensor,
+        rows: list[int],
+        texts: tuple[list[str], list[str]],
+    ) -> None:
+        """Update with the decoded spans of the rows that have a supervised label."""
+        has_label = (target != self.ignore_index).any(dim=1)[rows].tolist()
+        predicted, expected = texts
+        metrics.update(
+            [text for text, keep in zip(predicted, has_label) if keep],
+            [text for text, keep in zip(expected, has_label) if keep],
         )
 
     def _start_epoch(self, stage: str) -> None:
@@ -396,6 +566,8 @@ class MultimodalLMModule(pl.LightningModule):
             for metric in self._metrics_for(stage, dataloader_idx).modules():
                 if isinstance(metric, Metric):
                     metric.reset()
+            self._records.pop(f"{stage}_{dataloader_idx}", None)
+            self._rows_seen.pop(f"{stage}_{dataloader_idx}", None)
 
     def _log_epoch(self, stage: str) -> None:
         if not self._log_at_epoch_end.get(stage, False):
@@ -417,6 +589,9 @@ class MultimodalLMModule(pl.LightningModule):
         if "text" in metrics:
             for name, metric in metrics["text"].items():
                 self.log(f"{name}{suffix}", metric, **options)
+        if "group_values" in metrics:
+            for value in metrics["group_values"].values():
+                self.log(f"{stage}/{value.name}{suffix}", value, **options)
 
     def _every_process_has_every_loader(self, stage: str) -> bool:
         """Whether every process gets at least one batch of each loader that has data.
@@ -447,6 +622,29 @@ class MultimodalLMModule(pl.LightningModule):
     def _loader(self, stage: str, dataloader_idx: int) -> Any:
         loaders = self._loaders(stage)
         return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+
+
+class _GroupValue(_SumStates):
+    """One value of a :class:`~mllm_metrics.GroupedMetric` as a metric object Lightning can log.
+
+    It has no state of its own: its ``compute()`` is the grouped metric's (synced once, then
+    cached by torchmetrics until the next update or reset) at ``key``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, grouped: GroupedMetric, key: str, name: str) -> None:
+        super().__init__()
+        self._grouped = (grouped,)  # not a child: its states are logged through this value only
+        self.key = key
+        self.name = name
+
+    def update(self) -> None:
+        """Nothing to add: the grouped metric is updated."""
+
+    def compute(self) -> Tensor:
+        """The grouped metric's value at ``key``."""
+        return self._grouped[0].compute()[self.key]
 
 
 class _TrackRepeats:

@@ -16,11 +16,14 @@ from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
 from mllm_metrics.functional import (
     _argmax_ids,
+    _bit_match_rows,
     _bit_match_update,
     _check_text_inputs,
     _check_token_inputs,
+    _exact_match_rows,
     _exact_match_update,
     _ratio,
+    _row_nll,
     _text_bit_match_update,
     _text_exact_match_update,
     _token_nll_update,
@@ -81,7 +84,44 @@ def _unchanged_on_error(metrics: Iterable[Metric], copy_states: bool = True) -> 
         raise
 
 
-class _CountRatio(Metric):
+class _SumStates(Metric):
+    """A metric whose states are sums: a batch is added whole or not at all, and ``compute()``
+    without any update is a valid answer (the sums are zero), given silently: a process that
+    got no batch still computes (and syncs) with the others."""
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        # torchmetrics wraps `update` here, at construction and after unpickling; the wrapper
+        # itself counts the update before calling it, so the whole of it is made atomic.
+        counted_update = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def whole_batch_or_nothing(*args: Any, **kwargs: Any) -> None:
+            with _unchanged_on_error([self], copy_states=False):
+                return counted_update(*args, **kwargs)
+
+        return whole_batch_or_nothing
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        synced_compute = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def compute_from_sums(*args: Any, **kwargs: Any) -> Any:
+            if self._update_count:
+                return synced_compute(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*called before the ``update``")
+                return synced_compute(*args, **kwargs)
+
+        return compute_from_sums
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The batch's value, accumulating the batch as ``update`` does; a bad batch changes
+        nothing (plain ``Metric.forward`` would lose every count accumulated so far)."""
+        with _unchanged_on_error([self], copy_states=False):
+            return super().forward(*args, **kwargs)
+
+
+class _CountRatio(_SumStates):
     """A ratio of two int64 counts summed across batches and ranks.
 
     Subclasses name their two states (unique per metric, so that ``MetricCollection`` compute
@@ -116,39 +156,6 @@ class _CountRatio(Metric):
         self._computed = None
         self._update_count += 1
         self._add(numerator, denominator)
-
-    def _wrap_update(self, update: Callable) -> Callable:
-        # torchmetrics wraps `update` here, at construction and after unpickling; the wrapper
-        # itself counts the update before calling it, so the whole of it is made atomic.
-        counted_update = super()._wrap_update(update)
-
-        @functools.wraps(update)
-        def whole_batch_or_nothing(*args: Any, **kwargs: Any) -> None:
-            with _unchanged_on_error([self], copy_states=False):
-                return counted_update(*args, **kwargs)
-
-        return whole_batch_or_nothing
-
-    def _wrap_compute(self, compute: Callable) -> Callable:
-        # With no update the sums are zero and compute() returns `zero_division`, a valid answer:
-        # a process that got no batch still computes (and syncs) with the others, silently.
-        synced_compute = super()._wrap_compute(compute)
-
-        @functools.wraps(compute)
-        def compute_from_sums(*args: Any, **kwargs: Any) -> Any:
-            if self._update_count:
-                return synced_compute(*args, **kwargs)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*called before the ``update``")
-                return synced_compute(*args, **kwargs)
-
-        return compute_from_sums
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The batch's value, accumulating the batch as ``update`` does; a bad batch changes
-        nothing (plain ``Metric.forward`` would lose every count accumulated so far)."""
-        with _unchanged_on_error([self], copy_states=False):
-            return super().forward(*args, **kwargs)
 
     def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
         # Both counts are computed before either state changes, so a rejected batch changes none.
@@ -193,6 +200,14 @@ class _TokenCountRatio(_CountRatio):
             )
         self.ignore_index = ignore_index
         self.validate_args = validate_args
+
+    def _check(self, preds: Tensor, target: Tensor) -> None:
+        """Raise a clear error for inputs ``update`` cannot count correctly."""
+        _check_token_inputs(preds, target, self.ignore_index, self.validate_args)
+
+    def _row_sums(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's numerator and denominator, (B,): what ``update`` adds, row by row."""
+        raise NotImplementedError
 
 
 class BitMatchAccuracy(_TokenCountRatio):
@@ -242,8 +257,11 @@ class BitMatchAccuracy(_TokenCountRatio):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add one batch's matching and supervised positions."""
-        _check_token_inputs(preds, target, self.ignore_index, self.validate_args)
+        self._check(preds, target)
         self._add(*_bit_match_update(_argmax_ids(preds), target, self.ignore_index))
+
+    def _row_sums(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return _bit_match_rows(_argmax_ids(preds), target, self.ignore_index)
 
 
 class ExactMatchAccuracy(_TokenCountRatio):
@@ -289,8 +307,11 @@ class ExactMatchAccuracy(_TokenCountRatio):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add one batch's fully matched samples and samples with a supervised position."""
-        _check_token_inputs(preds, target, self.ignore_index, self.validate_args)
+        self._check(preds, target)
         self._add(*_exact_match_update(_argmax_ids(preds), target, self.ignore_index))
+
+    def _row_sums(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return _exact_match_rows(_argmax_ids(preds), target, self.ignore_index)
 
 
 class TokenNLL(_TokenCountRatio):
@@ -344,13 +365,20 @@ class TokenNLL(_TokenCountRatio):
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add one batch's summed NLL and supervised token count."""
+        self._check(logits, target)
+        self._add(*_token_nll_update(logits, target, self.ignore_index))
+
+    def _check(self, logits: Tensor, target: Tensor) -> None:
         if logits.ndim != 3:
             raise ValueError(
                 f"Expected logits of shape (batch, seq_len, vocab_size), got shape "
                 f"{tuple(logits.shape)}: the NLL needs the full distribution, not token ids."
             )
-        _check_token_inputs(logits, target, self.ignore_index, self.validate_args)
-        self._add(*_token_nll_update(logits, target, self.ignore_index))
+        super()._check(logits, target)
+
+    def _row_sums(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        nll = _row_nll(logits, target, self.ignore_index).double()
+        return nll, (target != self.ignore_index).sum(dim=1)
 
 
 class TextBitMatchAccuracy(_CountRatio):

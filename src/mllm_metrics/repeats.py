@@ -9,6 +9,9 @@ one, ``batch_size=None`` over pre-collated items), shuffling or worker count sit
 A row is a repeat exactly when its index is in that set (a padding index never also reaches the
 same process as a real sample).
 
+The same record places each real sample in the sampler's order over all processes, so the
+per-sample records of every process merge into the order one process would see them.
+
 :func:`track_repeats` returns a shallow copy of an evaluation ``DataLoader`` whose index
 sampler records; the user's loader is left as it is. Where repeats cannot be identified, or
 the loader drops samples, it warns once with the cause and what to change.
@@ -20,13 +23,19 @@ import copy
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from mllm_metrics._warning import MllmMetricsWarning
 
-__all__ = ["RepeatTracker", "distributed_sampler_of", "track_repeats", "tracker_of"]
+__all__ = [
+    "BatchSamples",
+    "RepeatTracker",
+    "distributed_sampler_of",
+    "track_repeats",
+    "tracker_of",
+]
 
 _EXACTNESS = "so the metrics synced over the processes may not equal a single-process run exactly"
 
@@ -96,10 +105,23 @@ class _RecordingIndexSampler(Sampler):
         return getattr(self.index_sampler, name)
 
 
-class RepeatTracker:
-    """Knows, for each batch of one evaluation loader, which rows are repeated samples.
+class BatchSamples(NamedTuple):
+    """What :meth:`RepeatTracker.next_batch` knows of one batch's rows."""
 
-    Created by :func:`track_repeats`. :meth:`repeated_rows` is called once per batch, in order.
+    #: Per row, ``(position, row)``: ``position`` is the sample's place in the sampler's order
+    #: over all processes (process ``r``'s ``k``-th sample is at ``r + k * num_replicas``, the
+    #: place it has when one process iterates the same order), ``row`` its row within a
+    #: pre-collated item (0 otherwise); None where unknown, and for a repeat.
+    positions: list[tuple[int, int] | None] | None
+    #: Per row, whether it is a repeated sample; None when no row is (or it is unknown).
+    repeated: list[bool] | None
+
+
+class RepeatTracker:
+    """Knows, for each batch of one evaluation loader, which rows are repeated samples and where
+    each sample stands in the sampler's order over all processes.
+
+    Created by :func:`track_repeats`. :meth:`next_batch` is called once per batch, in order.
     """
 
     def __init__(self, sampler: DistributedSampler, batched: bool, description: str) -> None:
@@ -108,11 +130,15 @@ class RepeatTracker:
         self.description = description
         self._record: deque[Any] = deque()
         self._repeats: frozenset[Any] | None = None
+        self._order: list[Any] | None = None
+        self._positions: dict[Any, int] | None = None
         self._warned = False
 
     def _start(self) -> deque[Any]:
         self._record = deque()
         self._repeats = None
+        self._order = None
+        self._positions = None
         return self._record
 
     def _fix_repeats(self) -> None:
@@ -126,6 +152,16 @@ class RepeatTracker:
         sampler = self.sampler
         real = max(0, -(-(len(sampler.dataset) - sampler.rank) // sampler.num_replicas))
         self._repeats = frozenset(order[real:])
+        self._order = order[:real]
+
+    def _position(self, index: Any) -> int | None:
+        """Where a real sample of this process stands in the sampler's order over all processes."""
+        if self._positions is None:  # built on first use: only records need positions
+            sampler, order = self.sampler, self._order or []
+            self._positions = {
+                index: sampler.rank + k * sampler.num_replicas for k, index in enumerate(order)
+            }
+        return self._positions.get(index)
 
     def _cannot_identify(self, cause: str) -> None:
         if not self._warned:
@@ -135,14 +171,15 @@ class RepeatTracker:
                 f"{_EXACTNESS}."
             )
 
-    def repeated_rows(self, rows: int) -> list[bool] | None:
-        """Which of the next batch's ``rows`` rows are repeats; None when none is (or unknown)."""
+    def next_batch(self, rows: int) -> BatchSamples:
+        """Which of the next batch's ``rows`` rows are repeats, and where its samples stand."""
+        unknown = BatchSamples(None, None)
         if not self._record:
             self._cannot_identify(
                 "a batch arrived that the loader's index sampler did not record (was the loader "
                 "iterated before the evaluation started, or with `in_order=False`?)"
             )
-            return None
+            return unknown
         entry = self._record.popleft()
         repeats = self._repeats
         if repeats is None:
@@ -150,19 +187,24 @@ class RepeatTracker:
                 f"its sampler {type(self.sampler).__name__} overrides `__iter__`, so the order "
                 "of its padding is unknown; use torch's `DistributedSampler`"
             )
-            return None
-        if not repeats:
-            return None
+            return unknown
         if not self.batched:  # `batch_size=None`: one index per item, a whole pre-collated batch
-            return [True] * rows if entry in repeats else None
+            if entry in repeats:
+                return BatchSamples([None] * rows, [True] * rows)
+            position = self._position(entry)
+            if position is None:
+                return BatchSamples(None, None)
+            return BatchSamples([(position, row) for row in range(rows)], None)
         entry = list(entry)
         if len(entry) != rows:
             self._cannot_identify(
                 f"a batch of {len(entry)} dataset indices became {rows} rows after collation"
             )
-            return None
+            return unknown
         flags = [index in repeats for index in entry]
-        return flags if any(flags) else None
+        places = [None if flag else self._position(index) for index, flag in zip(entry, flags)]
+        positions = [None if place is None else (place, 0) for place in places]
+        return BatchSamples(positions, flags if any(flags) else None)
 
 
 def tracker_of(loader: object) -> RepeatTracker | None:
@@ -185,7 +227,7 @@ def track_repeats(loader: object, description: str) -> tuple[object, RepeatTrack
     Returns:
         ``(loader_to_iterate, tracker)``: a shallow copy of ``loader`` whose index sampler
         records each batch's dataset indices, and its tracker; or ``(loader, None)`` when
-        nothing is repeated or repeats cannot be identified (then after a warning that says why).
+        repeats cannot be identified (after a warning that says why).
 
     """
     if not isinstance(loader, DataLoader):
@@ -228,8 +270,6 @@ def track_repeats(loader: object, description: str) -> tuple[object, RepeatTrack
             f"so repeated samples cannot be matched to their batches, {_EXACTNESS}."
         )
         return loader, None
-    if sampler.drop_last or dataset_size % sampler.num_replicas == 0:
-        return loader, None  # no padding: nothing is repeated
     batched = batch_sampler is not None
     tracker = RepeatTracker(sampler, batched, description)
     tracked = copy.copy(loader)  # the user's loader keeps its own index sampler

@@ -1,0 +1,185 @@
+"""Per-group values of a token metric inside one mixed eval set (VQA, OCR, captions...).
+
+:class:`GroupedMetric` keeps one slot per group in each of its two sum states, so its states
+have a fixed shape, ``(num_groups,)``, and every process's sums add up with one all-reduce each,
+however the samples of each group fall across processes and batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mllm_metrics.functional import _is_signed_integer, _ratio
+from mllm_metrics.metrics import _SumStates, _TokenCountRatio
+
+__all__ = ["MACRO", "GroupedMetric"]
+
+#: The key of the mean over the groups that have data, next to the groups' own keys.
+MACRO = "macro"
+
+
+def _check_groups(groups: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise TypeError(
+            f"Expected `groups` to be a sequence of group names (str), got {type(groups).__name__}."
+        )
+    names = tuple(groups)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"Expected `groups` to be non-empty strings, got {list(names)!r}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected distinct group names, got {list(names)!r}.")
+    if MACRO in names:
+        raise ValueError(
+            f"{MACRO!r} cannot be a group name: it is the key of the mean over the groups."
+        )
+    return names
+
+
+def group_ids(
+    group: Sequence[str] | Tensor, groups: Sequence[str], rows: int, device: torch.device
+) -> Tensor:
+    """Each row's position in ``groups``, an int64 tensor (rows,) on ``device``.
+
+    Args:
+        group: one entry per row: a group name, or an integer tensor of positions in ``groups``.
+        groups: the group names.
+        rows: the number of rows the batch has.
+        device: where the ids are needed.
+
+    Raises:
+        ValueError: for a value not in ``groups`` or a length other than ``rows``.
+        TypeError: for anything else than a list of str or an integer tensor.
+
+    Example:
+        >>> group_ids(["ocr", "vqa", "ocr"], ["vqa", "ocr"], 3, torch.device("cpu"))
+        tensor([1, 0, 1])
+
+    """
+    if isinstance(group, Tensor):
+        if not _is_signed_integer(group) or group.ndim != 1:
+            raise TypeError(
+                "Expected the group of each row as a list of group names or a 1-D integer "
+                f"tensor of positions in `groups`, got a tensor of shape {tuple(group.shape)} "
+                f"and dtype {group.dtype}."
+            )
+        ids = group.to(device=device, dtype=torch.long)
+        bad = (ids < 0) | (ids >= len(groups))
+        if len(ids) == rows and bad.any():
+            raise ValueError(
+                f"Got the group position {int(ids[bad][0])}, outside the {len(groups)} groups "
+                f"{list(groups)!r}."
+            )
+    elif isinstance(group, Sequence) and not isinstance(group, str):
+        position = {name: i for i, name in enumerate(groups)}
+        unknown = [value for value in group if value not in position]
+        if unknown:
+            raise ValueError(
+                f"Got the group {unknown[0]!r}, which is not one of the groups {list(groups)!r}. "
+                "Likely cause: `groups` does not list every group of the eval set."
+            )
+        ids = torch.tensor([position[value] for value in group], dtype=torch.long, device=device)
+    else:
+        raise TypeError(
+            "Expected the group of each row as a list of group names or a 1-D integer tensor "
+            f"of positions in `groups`, got {type(group).__name__}."
+        )
+    if len(ids) != rows:
+        raise ValueError(f"Got groups for {len(ids)} rows, but the batch has {rows} rows.")
+    return ids
+
+
+class GroupedMetric(_SumStates):
+    r"""A token metric's value for each group of samples, and their mean, streamed and DDP-exact.
+
+    Wraps :class:`~mllm_metrics.BitMatchAccuracy`, :class:`~mllm_metrics.ExactMatchAccuracy` or
+    :class:`~mllm_metrics.TokenNLL`: each group's value is the wrapped metric computed on that
+    group's rows alone, and ``"macro"`` is the mean of those values over the groups that have
+    data (rows with a supervised position).
+
+    As input to ``forward`` and ``update`` the metric accepts what the wrapped metric accepts
+    (``preds``, ``target``) and ``group``: one entry per row, a list of group names or an int
+    tensor ``(B,)`` of positions in ``groups``. An unknown group raises and changes nothing.
+
+    As output of ``compute`` the metric returns a dict of float scalar tensors: one per group
+    name, and ``"macro"``.
+
+    States: the wrapped metric's two state names with ``_per_group`` appended (e.g.
+    ``bit_match_correct_per_group``), each of shape ``(num_groups,)``, summed across processes.
+
+    Args:
+        metric: the metric to compute per group (its ``ignore_index``, ``zero_division`` and
+            ``validate_args`` are used); it is not updated itself.
+        groups: the group names, in the order of the positions a tensor ``group`` holds.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from mllm_metrics import BitMatchAccuracy, GroupedMetric
+        >>> metric = GroupedMetric(BitMatchAccuracy(), groups=["vqa", "ocr", "caption"])
+        >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+        >>> target = torch.tensor([[1, 2, 0], [4, 5, 6], [7, -100, 0]])
+        >>> metric.update(preds, target, group=["vqa", "ocr", "vqa"])
+        >>> {name: round(value.item(), 4) for name, value in metric.compute().items()}
+        {'vqa': 0.6, 'ocr': 1.0, 'caption': 0.0, 'macro': 0.8}
+
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, metric: _TokenCountRatio, groups: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(metric, _TokenCountRatio):
+            raise TypeError(
+                "Expected `metric` to be a BitMatchAccuracy, ExactMatchAccuracy or TokenNLL, "
+                f"got {type(metric).__name__}."
+            )
+        self.groups = _check_groups(groups)
+        # Kept out of the module tree: only its rules and arguments are used, never its states.
+        self._metric = (metric,)
+        size = len(self.groups)
+        self._numerator_state = f"{metric._numerator_state}_per_group"
+        self._denominator_state = f"{metric._denominator_state}_per_group"
+        numerator = torch.zeros(size, dtype=metric._numerator_dtype)
+        self.add_state(self._numerator_state, numerator, dist_reduce_fx="sum")
+        self.add_state(self._denominator_state, torch.zeros(size, dtype=torch.long), "sum")
+
+    @property
+    def metric(self) -> _TokenCountRatio:
+        """The wrapped metric, whose rules are applied per group."""
+        return self._metric[0]
+
+    def update(self, preds: Tensor, target: Tensor, group: Sequence[str] | Tensor) -> None:
+        """Add each row's counts to its group's slot."""
+        self.metric._check(preds, target)
+        ids = group_ids(group, self.groups, target.shape[0], target.device)
+        self._add_rows(*self.metric._row_sums(preds, target), ids)
+
+    def _update_rows(self, numerators: Tensor, denominators: Tensor, ids: Tensor) -> None:
+        """Add per-row sums computed elsewhere (e.g. by the chunked head), as one update."""
+        self._computed = None
+        self._update_count += 1
+        self._add_rows(numerators, denominators, ids)
+
+    def _add_rows(self, numerators: Tensor, denominators: Tensor, ids: Tensor) -> None:
+        numerator = getattr(self, self._numerator_state)
+        denominator = getattr(self, self._denominator_state)
+        # Out of place, as in `_CountRatio._add`: both sums are computed before either changes.
+        numerator = numerator.index_add(0, ids, numerators.to(numerator.dtype))
+        denominator = denominator.index_add(0, ids, denominators.long())
+        setattr(self, self._numerator_state, numerator)
+        setattr(self, self._denominator_state, denominator)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Each group's value (``zero_division`` for a group without data) and ``"macro"``."""
+        numerator = getattr(self, self._numerator_state)
+        denominator = getattr(self, self._denominator_state)
+        zero_division = self.metric.zero_division
+        values = _ratio(numerator, denominator, zero_division)
+        has_data = denominator > 0
+        macro = _ratio(values.double().where(has_data, 0.0).sum(), has_data.sum(), zero_division)
+        return dict(zip(self.groups, values.unbind())) | {MACRO: macro}
