@@ -260,6 +260,40 @@ def reference(model, rows: list[dict], batch_size: int, collate, aligned_labels)
     }
 
 
+class SpellTokenizer:
+    """Decodes ids as their numbers: an independent stand-in for a real tokenizer."""
+
+    def batch_decode(self, sequences, skip_special_tokens=True):
+        return [" ".join(str(token) for token in sequence) for sequence in sequences]
+
+
+@torch.no_grad()
+def per_sample_reference(model, rows: list[dict], batch_size: int = 2) -> list[dict]:
+    """Each sample's record fields (LLaVA-style model), brute force in plain Python."""
+    samples = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate_llava_style(rows[start : start + batch_size])
+        logits = model(**batch).logits.double()
+        labels = processed_labels_by_hand(model, batch)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for row_logits, row_log_probs, row_labels in zip(logits, log_probs, labels.tolist()):
+            preds = row_logits[:-1].argmax(-1).tolist()
+            pairs = [
+                (p, t, t_) for t_, (p, t) in enumerate(zip(preds, row_labels[1:])) if t != -100
+            ]
+            samples.append(
+                {
+                    "supervised_tokens": len(pairs),
+                    "correct_tokens": sum(p == t for p, t, _ in pairs),
+                    "exact": all(p == t for p, t, _ in pairs) if pairs else None,
+                    "nll": -sum(float(row_log_probs[j, t]) for _, t, j in pairs),
+                    "prediction": " ".join(str(p) for p, _, _ in pairs),
+                    "reference": " ".join(str(t) for _, t, _ in pairs),
+                }
+            )
+    return samples
+
+
 def llava_style_reference(model, rows: list[dict], batch_size: int) -> dict:
     return reference(model, rows, batch_size, collate_llava_style, processed_labels_by_hand)
 
@@ -354,6 +388,16 @@ def _main(out_dir: str) -> None:
                     model, rows, collate_llava_style, streaming, tmp, batch_eval_metrics
                 )
                 results[f"chunked:batch_eval_metrics={batch_eval_metrics}"] = trainer.evaluate()
+            # Per-sample records and text metrics, written by process 0 only.
+            records_dir = Path(out_dir, f"records_{batch_eval_metrics}")
+            recording = StreamingMetrics(records_dir=records_dir, tokenizer=SpellTokenizer())
+            trainer = make_trainer(
+                model, rows, collate_llava_style, recording, tmp, batch_eval_metrics
+            )
+            results[f"records:batch_eval_metrics={batch_eval_metrics}"] = trainer.evaluate()
+            results[f"records_kept:batch_eval_metrics={batch_eval_metrics}"] = (
+                recording._records_kept_here()
+            )
             results["world_size"] = trainer.args.world_size
             results["backend"] = torch.distributed.get_backend()
     rank = int(os.environ["RANK"])

@@ -8,6 +8,8 @@ count or a duplicated sample that a ratio would hide.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from _torchrun import run_on_two_processes
 
@@ -19,7 +21,9 @@ from _hf_setup import (  # noqa: E402
     ddp_eval_set,
     llava_style_reference,
     make_trainer,
+    per_sample_reference,
 )
+from test_hf_records import assert_records_equal, text_reference  # noqa: E402
 
 from mllm_metrics.hf import StreamingMetrics, expose_processed_labels  # noqa: E402
 
@@ -27,8 +31,13 @@ METRICS = ("bit_match", "exact_match", "supervised_tokens", "correct_tokens", "r
 
 
 @pytest.fixture(scope="module")
-def ranks_results(tmp_path_factory) -> list[dict]:
-    return run_on_two_processes("_hf_setup.py", tmp_path_factory.mktemp("hf_ddp"))
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_ddp")
+
+
+@pytest.fixture(scope="module")
+def ranks_results(out_dir) -> list[dict]:
+    return run_on_two_processes("_hf_setup.py", out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +89,24 @@ def test_every_rank_gets_the_single_process_values(
             assert run["eval_exact_match"] == pytest.approx(expected["exact_match"], rel=1e-6)
             assert run["eval_nll"] == pytest.approx(expected["nll"], rel=1e-5)
             assert run["eval_nll"] == pytest.approx(single["eval_nll"], rel=1e-9)
+
+
+@pytest.mark.parametrize("batch_eval_metrics", [False, True])
+def test_process_zero_writes_the_records_of_every_sample_once(
+    batch_eval_metrics, ranks_results, out_dir
+):
+    if batch_eval_metrics and not HAS_BATCH_EVAL_METRICS:
+        pytest.skip("this transformers release has no `batch_eval_metrics`")
+    model, rows = ddp_eval_set()
+    expected = per_sample_reference(model, rows)
+    [path] = (out_dir / f"records_{batch_eval_metrics}").iterdir()
+    assert path.name == "eval_step0000000.jsonl"
+    # 7 samples, not 8: the duplicate that pads the second process's last batch is not there.
+    assert_records_equal([json.loads(line) for line in path.read_text().splitlines()], expected)
+    key = f"batch_eval_metrics={batch_eval_metrics}"
+    assert [rank[f"records_kept:{key}"] for rank in ranks_results] == [True, False]
+    text_bit_match, text_exact_match = text_reference(expected)
+    for rank in ranks_results:
+        results = rank[f"records:{key}"]
+        assert results["eval_text_bit_match"] == pytest.approx(text_bit_match, rel=1e-6)
+        assert results["eval_text_exact_match"] == pytest.approx(text_exact_match, rel=1e-6)

@@ -47,6 +47,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,14 @@ from mllm_metrics.labels import (
     aligned_hidden_states,
 )
 from mllm_metrics.labels import expose_processed_labels as _expose_labels
-from mllm_metrics.metrics import TokenNLL, _unchanged_on_error, causal_lm_metrics
+from mllm_metrics.metrics import (
+    TextBitMatchAccuracy,
+    TextExactMatch,
+    TokenNLL,
+    _unchanged_on_error,
+    causal_lm_metrics,
+)
+from mllm_metrics.records import SampleRecords, records_file_name, row_statistics
 
 __all__ = [
     "IGNORED_OUTPUT_KEYS",
@@ -265,8 +273,13 @@ class _Evaluation:
     there is no marker, and the sums run until ``compute_result=True`` or ``reset()``.
     """
 
-    def __init__(self, marker: object | None) -> None:
+    def __init__(
+        self, marker: object | None, prefix: str | None = None, step: int | None = None
+    ) -> None:
         self._marker = None if marker is None else weakref.ref(marker)
+        #: The loop's ``metric_key_prefix`` and the trainer's global step, when known.
+        self.prefix = prefix
+        self.step = step
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _Evaluation):
@@ -292,22 +305,27 @@ def _weakly_referable(value: object) -> bool:
 
 def _current_evaluation() -> _Evaluation:
     frame = sys._getframe(1)
+    prefix = step = None
     while frame is not None:
         if frame.f_code.co_name in _EVALUATION_LOOPS and "self" in frame.f_locals:
+            prefix = frame.f_locals.get("metric_key_prefix")
+            step = getattr(getattr(frame.f_locals["self"], "state", None), "global_step", None)
+            prefix = prefix if isinstance(prefix, str) else None
+            step = step if isinstance(step, int) else None
             container = frame.f_locals.get("all_preds")
             if container is not None and _weakly_referable(container):
-                return _Evaluation(container)
+                return _Evaluation(container, prefix, step)
             break
         frame = frame.f_back
     state = sys.modules.get("accelerate.state")  # imported by Trainer; never imported here
     gradient_state = getattr(state, "GradientState", None)
     if gradient_state is None or not getattr(gradient_state, "_shared_state", None):
-        return _Evaluation(None)
+        return _Evaluation(None, prefix, step)
     try:
         loader = gradient_state().active_dataloader
     except (AttributeError, IndexError):
         loader = None
-    return _Evaluation(loader if _weakly_referable(loader) else None)
+    return _Evaluation(loader if _weakly_referable(loader) else None, prefix, step)
 
 
 class StreamingMetrics:
@@ -347,6 +365,19 @@ class StreamingMetrics:
             is always treated as ignored as well.
         nll: also compute ``nll``, the token-weighted negative log-likelihood (one extra
             log-softmax over the logits per batch).
+        records_dir: write one JSON Lines file of per-sample records there at the end of each
+            evaluation (see :mod:`mllm_metrics.records`), from process 0 only, one line per
+            gathered sample in ``Trainer``'s order (the data set's order, each sample once).
+            Named ``{metric_key_prefix}_step{global_step:07d}.jsonl`` when the call comes from
+            ``Trainer``'s evaluation loop (``eval_step0000040.jsonl``); otherwise the step is
+            unknown and a counter of this object's evaluations is used
+            (``eval_call0000001.jsonl``). Without ``batch_eval_metrics`` the file is written
+            the same way, from the one call with the whole eval set.
+        tokenizer: a Hugging Face tokenizer (anything with ``batch_decode``): adds
+            ``text_bit_match`` and ``text_exact_match`` on the decoded supervised spans (rows
+            without a supervised label are skipped), and ``prediction`` and ``reference`` to
+            the records.
+        text_alphabet: characters the text bit-match keeps (e.g. ``"01"``); None keeps all.
 
     Example:
         >>> import torch
@@ -369,13 +400,37 @@ class StreamingMetrics:
         ignore_index: int = -100,
         *,
         nll: bool = True,
+        records_dir: str | Path | None = None,
+        tokenizer: Any = None,
+        text_alphabet: str | None = None,
     ) -> None:
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(
                 f"Expected `ignore_index` to be an int, got {type(ignore_index).__name__}."
             )
+        if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
+            raise TypeError(
+                f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
+                f"got {type(tokenizer).__name__}."
+            )
         self.ignore_index = ignore_index
         self.metrics: MetricCollection = _as_collection(metrics, ignore_index)
+        self.tokenizer = tokenizer
+        self._text = (
+            _local_only(
+                MetricCollection(
+                    {
+                        "text_bit_match": TextBitMatchAccuracy(alphabet=text_alphabet),
+                        "text_exact_match": TextExactMatch(),
+                    }
+                )
+            )
+            if tokenizer is not None
+            else None
+        )
+        self.records_dir = None if records_dir is None else Path(records_dir)
+        self._records = SampleRecords()
+        self._evaluations_written = 0
         self._nll = (
             _RowNLL(
                 ignore_index=ignore_index,
@@ -477,14 +532,22 @@ class StreamingMetrics:
         if evaluation != self._evaluation:
             # A new evaluate()/predict(): whatever an interrupted one left behind is dropped.
             self.reset()
-            self._evaluation = evaluation
+        # Also for the same evaluation: its prefix and step may be known only now (a one-call
+        # evaluation, after its loader is done, has no marker, like the previous one).
+        self._evaluation = evaluation
         batches = [self._parse(batch) for batch in _per_batch(predictions)]  # all checked first
-        with _unchanged_on_error(self._all_metrics()):
-            for batch in batches:
-                self.update(*batch)
+        recorded = len(self._records)
+        try:
+            with _unchanged_on_error(self._all_metrics()):
+                for batch in batches:
+                    self.update(*batch)
+        except BaseException:
+            self._records.truncate(recorded)
+            raise
         if not compute_result:
             return {}
         results = self.compute()
+        self._write_records()
         self.reset()
         return results
 
@@ -519,7 +582,30 @@ class StreamingMetrics:
 
     def _all_metrics(self) -> list[Metric]:
         metrics = list(self.metrics.values(copy_state=False))
+        if self._text is not None:
+            metrics += list(self._text.values(copy_state=False))
         return metrics + ([self._nll] if self._nll is not None else [])
+
+    def _records_kept_here(self) -> bool:
+        """Whether this process keeps and writes the records: ``Trainer`` hands every process
+        the same gathered rows, so process 0 alone does."""
+        if self.records_dir is None:
+            return False
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return not distributed or torch.distributed.get_rank() == 0
+
+    def _write_records(self) -> None:
+        if not self._records_kept_here():
+            return
+        evaluation = self._evaluation
+        prefix = (evaluation.prefix if evaluation is not None else None) or "eval"
+        step = evaluation.step if evaluation is not None else None
+        self._evaluations_written += 1
+        if step is None:
+            name = records_file_name(prefix, self._evaluations_written, counter=True)
+        else:
+            name = records_file_name(prefix, step)
+        self._records.write(self.records_dir / name, gather=False)
 
     def update(self, preds: Tensor, target: Tensor, row_nll: Tensor | None = None) -> None:
         """Add gathered token ids (and rows' NLL) to the sums; a bad batch changes nothing.
@@ -538,26 +624,73 @@ class StreamingMetrics:
             self._device = preds.device
         if self.ignore_index != TRAINER_PAD_INDEX:
             target = target.masked_fill(target == TRAINER_PAD_INDEX, self.ignore_index)
+        preds = preds.clamp(min=0)
         with _unchanged_on_error(self._all_metrics()):
-            self.metrics.update(preds.clamp(min=0), target)
+            self.metrics.update(preds, target)
             if self._nll is not None and row_nll is not None:
                 self._nll.update(row_nll, target)
+            texts = None
+            if self.tokenizer is not None:
+                texts = _decoded_spans(self.tokenizer, preds, target, self.ignore_index)
+                has_label = (target != self.ignore_index).any(dim=1).tolist()
+                self._text.update(
+                    *([t for t, keep in zip(side, has_label) if keep] for side in texts)
+                )
+            if self._records_kept_here():
+                self._add_records(preds, target, row_nll, texts)
+
+    def _add_records(
+        self,
+        preds: Tensor,
+        target: Tensor,
+        row_nll: Tensor | None,
+        texts: tuple[list[str], list[str]] | None,
+    ) -> None:
+        """Keep each gathered row's record; ``Trainer`` gathers them in the data set's order."""
+        rows = target.shape[0]
+        nll = row_nll if row_nll is not None else torch.full((rows,), float("nan"))
+        columns = row_statistics(preds, target, nll, self.ignore_index)
+        if row_nll is None:
+            columns["nll"] = [None] * rows
+        if texts is not None:
+            columns["prediction"], columns["reference"] = texts
+        start = len(self._records)
+        self._records.add([(start + row,) for row in range(rows)], columns)
 
     def compute(self) -> dict[str, Any]:
         """The metrics' values over everything seen since the last reset (floats for scalars)."""
         values = dict(self.metrics.compute())
         if self._nll is not None:
             values["nll"] = self._nll.compute()
+        if self._text is not None:
+            values |= self._text.compute()
         return {
             name: value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
             for name, value in values.items()
         }
 
     def reset(self) -> None:
-        """Zero the sums (done after each ``compute_result=True`` call)."""
+        """Zero the sums and forget the records (done after each ``compute_result=True``
+        call, once the records are written)."""
         self.metrics.reset()
         if self._nll is not None:
             self._nll.reset()
+        if self._text is not None:
+            self._text.reset()
+        self._records.clear()
+
+
+def _decoded_spans(
+    tokenizer: Any, preds: Tensor, target: Tensor, ignore_index: int
+) -> tuple[list[str], list[str]]:
+    """Each row's predicted and reference supervised span, decoded."""
+    supervised = target != ignore_index
+    predicted = [row[mask].tolist() for row, mask in zip(preds, supervised)]
+    expected = [row[mask].tolist() for row, mask in zip(target, supervised)]
+    return (
+        tokenizer.batch_decode(predicted, skip_special_tokens=True),
+        tokenizer.batch_decode(expected, skip_special_tokens=True),
+    )
 
 
 # --------------------------------------------------------------------------------------------
