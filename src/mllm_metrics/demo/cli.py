@@ -66,14 +66,19 @@ _RUNNER_NAMES = frozenset(
     {"build_data", "build_model", "describe_batch", "format_table", "plot_history"}
     | {"run_demo", "write_csv"}
 )
-USAGE = "usage: mllm-metrics demo [options]   (mllm-metrics demo --help for the options)"
+USAGE = (
+    "usage: mllm-metrics demo [options]   (mllm-metrics demo --help for the options)\n"
+    "       mllm-metrics report PATH [options]   (mllm-metrics report --help)"
+)
 HELP = f"""{USAGE}
 
 Streaming, DDP-exact bit-match and exact-match metrics for multimodal LLMs.
 
 commands:
   demo    train a tiny LLaVA-style model to read the bits drawn in small images and
-          watch bit-match and exact-match (needs {DEMO_EXTRA})"""
+          watch bit-match and exact-match (needs {DEMO_EXTRA})
+  report  read the per-sample records an evaluation wrote to PATH: metrics per step and
+          group, the worst samples, the exact-match flips, and a plot (needs matplotlib)"""
 
 
 def __getattr__(name: str) -> Any:
@@ -157,7 +162,7 @@ def demo_main(argv: Sequence[str] | None = None, prog: str = "python -m mllm_met
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``mllm-metrics`` console script; its one subcommand is ``demo``.
+    """The ``mllm-metrics`` console script: the subcommands ``demo`` and ``report``.
 
     Args:
         argv: the arguments; None reads ``sys.argv[1:]``.
@@ -172,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] in ("-h", "--help"):
         print(HELP)
         return 0
+    if argv[0] == "report":
+        # Standard library only (matplotlib for the PNG): no framework is imported.
+        from mllm_metrics.report import report_main
+
+        return report_main(argv[1:], prog="mllm-metrics report")
     if argv[0] != "demo":
         print(f"mllm-metrics: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
