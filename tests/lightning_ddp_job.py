@@ -100,6 +100,7 @@ def main(out_dir: Path, devices: int) -> None:
         group_key="task",
         groups=GROUPS,
         records_dir=out_dir / "records",
+        generate_max_new_tokens=4,
     )
     # Every training row has an image: a rank whose batch had none would leave the vision
     # parameters without gradients, which plain DDP (find_unused_parameters=False) hangs on.

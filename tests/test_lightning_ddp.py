@@ -79,6 +79,9 @@ def test_group_counts_summed_over_ranks_equal_the_single_process_counts(runs):
         assert counts["val_1/exact_match_total_per_group"] == [3, 2, 0]
         _assert_same_values(counts, single["counts"]["epoch_3"])
     assert "val/bit_match/vqa/dataloader_idx_0" in single["fit"]
+    assert "val/gen_exact_match/dataloader_idx_0" in single["fit"]
+    assert counts["val_0/gen_exact_match_total"] == 7  # every sample once
+    assert counts["val_0/gen_bit_match_correct"] > 0
     assert "val/exact_match/macro/dataloader_idx_1" in single["fit"]
 
 

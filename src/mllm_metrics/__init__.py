@@ -11,6 +11,8 @@ from mllm_metrics.grouped import GroupedMetric
 from mllm_metrics.metrics import (
     BitMatchAccuracy,
     ExactMatchAccuracy,
+    GeneratedBitMatch,
+    GeneratedExactMatch,
     TextBitMatchAccuracy,
     TextExactMatch,
     TokenNLL,
@@ -20,6 +22,8 @@ from mllm_metrics.metrics import (
 __all__ = [
     "BitMatchAccuracy",
     "ExactMatchAccuracy",
+    "GeneratedBitMatch",
+    "GeneratedExactMatch",
     "GroupedMetric",
     "MllmMetricsWarning",
     "TextBitMatchAccuracy",

@@ -9,6 +9,7 @@ statistics of one batch (a numerator and a denominator) and never sync with the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -327,23 +328,34 @@ def _check_text_inputs(
     return preds_list, target_list
 
 
-def _text_bit_match_update(
-    preds: list[str], target: list[str], alphabet: str | None
+def _positional_match_update(
+    preds: Sequence[Sequence[Any]], target: Sequence[Sequence[Any]]
 ) -> tuple[int, int]:
-    """Count equal characters over the shorter length, and characters over the longer length."""
-    keep = None if alphabet is None else set(alphabet)
+    """Count equal elements position by position over the shorter length, and elements over
+    the longer length (missing and extra elements both count as errors)."""
     correct = total = 0
     for predicted, expected in zip(preds, target):
-        if keep is not None:
-            predicted = "".join(char for char in predicted if char in keep)
-            expected = "".join(char for char in expected if char in keep)
         correct += sum(p == e for p, e in zip(predicted, expected))
         total += max(len(predicted), len(expected))
     return correct, total
 
 
-def _text_exact_match_update(preds: list[str], target: list[str]) -> tuple[int, int]:
-    return sum(p == t for p, t in zip(preds, target)), len(target)
+def _equal_sequences_update(
+    preds: Sequence[Sequence[Any]], target: Sequence[Sequence[Any]]
+) -> tuple[int, int]:
+    """Count equal sequences, and sequences."""
+    return sum(list(p) == list(t) for p, t in zip(preds, target)), len(target)
+
+
+def _text_bit_match_update(
+    preds: list[str], target: list[str], alphabet: str | None
+) -> tuple[int, int]:
+    """Count equal characters over the shorter length, and characters over the longer length."""
+    if alphabet is not None:
+        keep = set(alphabet)
+        preds = ["".join(char for char in text if char in keep) for text in preds]
+        target = ["".join(char for char in text if char in keep) for text in target]
+    return _positional_match_update(preds, target)
 
 
 def text_bit_match_accuracy(
@@ -394,5 +406,5 @@ def text_exact_match(
 
     """
     preds_list, target_list = _check_text_inputs(preds, target)
-    correct, total = _text_exact_match_update(preds_list, target_list)
+    correct, total = _equal_sequences_update(preds_list, target_list)
     return _ratio(torch.tensor(correct), torch.tensor(total), zero_division)

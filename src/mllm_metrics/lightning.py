@@ -33,6 +33,7 @@ from mllm_metrics.functional import (
     _row_nll,
     causal_shift,
 )
+from mllm_metrics.generation import build_prompts, end_of_sequence_ids, greedy_answers
 from mllm_metrics.grouped import MACRO, GroupedMetric, _check_groups, group_ids
 from mllm_metrics.labels import (
     AlignedForward,
@@ -45,6 +46,8 @@ from mllm_metrics.labels import (
 from mllm_metrics.metrics import (
     BitMatchAccuracy,
     ExactMatchAccuracy,
+    GeneratedBitMatch,
+    GeneratedExactMatch,
     TextBitMatchAccuracy,
     TextExactMatch,
     TokenNLL,
@@ -126,7 +129,24 @@ class MultimodalLMModule(pl.LightningModule):
             (``..._dl{N}.jsonl`` with several dataloaders); see :mod:`mllm_metrics.records`.
             Lines follow the order one process sees the samples (under DDP, the sampler's order
             over all processes, each sample once); with ``group_key`` they hold ``group``, with
-            a ``tokenizer`` ``prediction`` and ``reference``.
+            a ``tokenizer`` ``prediction`` and ``reference``, with generation ``gen_exact``
+            (and ``generated``, decoded, with a tokenizer).
+        generate_max_new_tokens: also decode greedily, at each validation/test step, from each
+            row's prompt (everything before its last run of supervised labels, images
+            included, as the data set gives it) for at most this many tokens, stopping at the
+            end-of-sequence token, and log the free-running ``val/gen_exact_match`` (the
+            generated answer equals that run token for token) and ``val/gen_bit_match``
+            (equal tokens position by position over the longer length), and with a
+            ``tokenizer`` ``val/gen_text_exact_match`` and ``val/gen_text_bit_match``. The
+            teacher-forced values do not change. See :mod:`mllm_metrics.generation`. None
+            (default): no generation.
+        eos_token_id: the id(s) that end a generated answer; default the model's generation
+            config's, else its config's.
+        limit_generate_batches: generate on the first this many batches of each evaluation
+            loader (an int), or on this share of them (a float, as Lightning's
+            ``limit_val_batches``); the ``gen_*`` values cover those batches only.
+        generate_every_n_validations: generate in every n-th validation only (the sanity
+            check and test runs always generate); the ``gen_*`` keys are logged in those.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -159,6 +179,10 @@ class MultimodalLMModule(pl.LightningModule):
         group_key: str | None = None,
         groups: Sequence[str] | None = None,
         records_dir: str | Path | None = None,
+        generate_max_new_tokens: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        limit_generate_batches: int | float = 1.0,
+        generate_every_n_validations: int = 1,
     ) -> None:
         super().__init__()
         if logits_chunk_size is not None:
@@ -172,6 +196,16 @@ class MultimodalLMModule(pl.LightningModule):
         self.group_key = group_key
         self.groups = None if groups is None else _check_groups(groups)
         self.records_dir = None if records_dir is None else Path(records_dir)
+        _check_generation_arguments(
+            generate_max_new_tokens, limit_generate_batches, generate_every_n_validations
+        )
+        self.generate_max_new_tokens = generate_max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.limit_generate_batches = limit_generate_batches
+        self.generate_every_n_validations = generate_every_n_validations
+        self._generating: dict[str, bool] = {}
+        self._validations = 0
+        self._warned_short = False
         if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
@@ -253,11 +287,11 @@ class MultimodalLMModule(pl.LightningModule):
         self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Update and log the ``val/`` metrics of this dataloader."""
-        self._evaluation_step("val", batch, dataloader_idx)
+        self._evaluation_step("val", batch, batch_idx, dataloader_idx)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Update and log the ``test/`` metrics of this dataloader."""
-        self._evaluation_step("test", batch, dataloader_idx)
+        self._evaluation_step("test", batch, batch_idx, dataloader_idx)
 
     def setup(self, stage: str) -> None:
         """Have the trainer's evaluation loaders record which samples each batch holds."""
@@ -297,7 +331,9 @@ class MultimodalLMModule(pl.LightningModule):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
 
-    def _evaluation_step(self, stage: str, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+    def _evaluation_step(
+        self, stage: str, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int
+    ) -> None:
         metrics = self._metrics_for(stage, dataloader_idx)
         # Taken before the forward: every batch consumes its record, even one that fails.
         samples = self._batch_samples(stage, dataloader_idx, batch)
@@ -329,18 +365,104 @@ class MultimodalLMModule(pl.LightningModule):
             metrics["loss"]._update_sums(row_nll.sum(dtype=torch.float64), supervised)
             metrics["tokens"].update(preds, target)
             kept = self._recorded_rows(samples, target.shape[0])
-            texts = None
+            columns: dict[str, list[Any]] = {}  # record fields of the kept rows
+            if group is not None:
+                self._update_groups(metrics["groups"], preds, target, row_nll, group)
+                columns["group"] = [self.groups[i] for i in group[kept].tolist()]
             if self.tokenizer is not None:
                 texts = self._decoded_spans(preds, target, kept)
                 self._update_text_metrics(metrics["text"], target, kept, texts)
-            if group is not None:
-                self._update_groups(metrics["groups"], preds, target, row_nll, group)
+                columns["prediction"], columns["reference"] = texts
+            if self.generate_max_new_tokens is not None:
+                generating = self._generates(stage, batch_idx, dataloader_idx)
+                columns |= self._free_running(metrics, batch, kept, generating)
             if self.records_dir is not None:
                 self._add_records(
-                    stage, dataloader_idx, samples, kept, preds, target, row_nll, group, texts
+                    stage, dataloader_idx, samples, kept, preds, target, row_nll, columns
                 )
         if not self._log_at_epoch_end.get(stage, False):
             self._log_metrics(stage, metrics, from_step=True)
+
+    def _generates_this_epoch(self, stage: str) -> bool:
+        """Whether this evaluation generates: every ``generate_every_n_validations``-th
+        validation (the sanity check always, to try the path early), every test."""
+        if self.generate_max_new_tokens is None:
+            return False
+        if stage != "val" or self.trainer.sanity_checking:
+            return True
+        self._validations += 1
+        return (self._validations - 1) % self.generate_every_n_validations == 0
+
+    def _generates(self, stage: str, batch_idx: int, dataloader_idx: int) -> bool:
+        if not self._generating.get(stage, False):
+            return False
+        limit = self.limit_generate_batches
+        if isinstance(limit, float):  # a share of the batches, as Lightning's limit_val_batches
+            if limit >= 1.0:
+                return True
+            counts = (
+                self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches
+            )
+            total = counts[dataloader_idx] if dataloader_idx < len(counts) else 0
+            limit = int(limit * total)
+        return batch_idx < limit
+
+    def _free_running(
+        self,
+        metrics: nn.ModuleDict,
+        batch: Mapping[str, Any],
+        kept: list[int],
+        generating: bool,
+    ) -> dict[str, list[Any]]:
+        """Generate greedy answers, update the ``gen_*`` metrics; the kept rows' record fields
+        (null where nothing was generated or the row has no answer)."""
+        rows = len(kept)
+        columns: dict[str, list[Any]] = {"gen_exact": [None] * rows}
+        if self.tokenizer is not None:
+            columns["generated"] = [None] * rows
+        if not generating:
+            return columns
+        prompts = build_prompts(batch, self.ignore_index, _pad_token_id(self.model))
+        end_ids = end_of_sequence_ids(self.model, self.eos_token_id)
+        answers = greedy_answers(
+            self.model, batch, prompts, self.generate_max_new_tokens, end_ids, self._lockstep()
+        )
+        counted = [i for i, row in enumerate(kept) if prompts.references[row] is not None]
+        generated = [answers[kept[i]] for i in counted]
+        references = [prompts.references[kept[i]] for i in counted]
+        self._warn_if_too_short(references)
+        collection = metrics["generated"]
+        collection["gen_bit_match"].update(generated, references)
+        collection["gen_exact_match"].update(generated, references)
+        for i, answer, reference in zip(counted, generated, references):
+            columns["gen_exact"][i] = answer == reference
+        if self.tokenizer is not None:
+            decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            expected = self.tokenizer.batch_decode(references, skip_special_tokens=True)
+            collection["gen_text_bit_match"].update(decoded, expected)
+            collection["gen_text_exact_match"].update(decoded, expected)
+            for i, text in zip(counted, decoded):
+                columns["generated"][i] = text
+        return columns
+
+    def _warn_if_too_short(self, references: list[list[int]]) -> None:
+        longest = max(map(len, references), default=0)
+        if longest > self.generate_max_new_tokens and not self._warned_short:
+            self._warned_short = True
+            warnings.warn(
+                f"A reference answer has {longest} tokens but `generate_max_new_tokens` is "
+                f"{self.generate_max_new_tokens}: such answers cannot be generated whole and count "
+                "as misses in the gen_* metrics. Raise `generate_max_new_tokens`.",
+                category=MllmMetricsWarning,
+                stacklevel=2,
+            )
+
+    def _lockstep(self) -> bool:
+        """Whether every process must run the same decoding steps: a sharded model's forward
+        is a collective (FSDP, DeepSpeed ZeRO-3, tensor parallel)."""
+        if self.trainer.world_size == 1:
+            return False
+        return type(self.trainer.strategy).__name__ in _SHARDING_STRATEGIES
 
     def _model_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
         """The batch without the group key, which is ours, not the model's."""
@@ -391,8 +513,7 @@ class MultimodalLMModule(pl.LightningModule):
         preds: Tensor,
         target: Tensor,
         row_nll: Tensor,
-        group: Tensor | None,
-        texts: tuple[list[str], list[str]] | None,
+        columns: dict[str, list[Any]],
     ) -> None:
         key = f"{stage}_{dataloader_idx}"
         seen = self._rows_seen.get(key, 0)
@@ -404,12 +525,10 @@ class MultimodalLMModule(pl.LightningModule):
             # DistributedSampler would (one process: the order of the batches).
             positions = [((seen + row) * world + rank, 0) for row in range(target.shape[0])]
         rows = torch.tensor(kept, dtype=torch.long, device=target.device)
-        columns = row_statistics(preds[rows], target[rows], row_nll[rows], self.ignore_index)
-        if group is not None:
-            columns["group"] = [self.groups[i] for i in group[rows].tolist()]
-        if texts is not None:
-            columns["prediction"], columns["reference"] = texts
-        self._records.setdefault(key, SampleRecords()).add([positions[r] for r in kept], columns)
+        statistics = row_statistics(preds[rows], target[rows], row_nll[rows], self.ignore_index)
+        self._records.setdefault(key, SampleRecords()).add(
+            [positions[r] for r in kept], statistics | columns
+        )
 
     def _write_records(self, stage: str) -> None:
         """Write this epoch's records of every dataloader (every process takes part)."""
@@ -500,6 +619,17 @@ class MultimodalLMModule(pl.LightningModule):
                 )
             if self.groups is not None:
                 metrics["groups"], metrics["group_values"] = self._grouped_metrics()
+            if self.generate_max_new_tokens is not None:
+                generated = {
+                    "gen_bit_match": GeneratedBitMatch(),
+                    "gen_exact_match": GeneratedExactMatch(),
+                }
+                if self.tokenizer is not None:
+                    generated["gen_text_bit_match"] = TextBitMatchAccuracy(
+                        alphabet=self.text_alphabet
+                    )
+                    generated["gen_text_exact_match"] = TextExactMatch()
+                metrics["generated"] = MetricCollection(generated, prefix=f"{stage}/")
             self.eval_metrics[key] = nn.ModuleDict(metrics).to(self.device)
             # Lightning caches where each logged Metric lives; new metrics need a fresh cache.
             self._metric_attributes = None
@@ -551,6 +681,7 @@ class MultimodalLMModule(pl.LightningModule):
 
     def _start_epoch(self, stage: str) -> None:
         self._log_at_epoch_end[stage] = not self._every_process_has_every_loader(stage)
+        self._generating[stage] = self._generates_this_epoch(stage)
         strategy = self.trainer.strategy
         if self.trainer.world_size > 1 and not isinstance(
             vars(strategy).get("process_dataloader"), _TrackRepeats
@@ -592,6 +723,9 @@ class MultimodalLMModule(pl.LightningModule):
         if "group_values" in metrics:
             for value in metrics["group_values"].values():
                 self.log(f"{stage}/{value.name}{suffix}", value, **options)
+        if "generated" in metrics and self._generating.get(stage, False):
+            for name, metric in metrics["generated"].items():
+                self.log(f"{name}{suffix}", metric, **options)
 
     def _every_process_has_every_loader(self, stage: str) -> bool:
         """Whether every process gets at least one batch of each loader that has data.
@@ -669,6 +803,41 @@ _EVALUATION_STAGES = {
     RunningStage.VALIDATING: "validation",
     RunningStage.TESTING: "test",
 }
+
+
+#: Lightning strategies whose model forward is a collective across processes.
+_SHARDING_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
+
+
+def _check_generation_arguments(
+    max_new_tokens: int | None, limit_batches: int | float, every_n: int
+) -> None:
+    if max_new_tokens is not None and (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(
+            "Expected `generate_max_new_tokens` to be a positive int or None, got "
+            f"{max_new_tokens!r}."
+        )
+    if isinstance(limit_batches, bool) or not (
+        (isinstance(limit_batches, int) and limit_batches >= 0)
+        or (isinstance(limit_batches, float) and 0.0 <= limit_batches <= 1.0)
+    ):
+        raise ValueError(
+            "Expected `limit_generate_batches` to be a number of batches (int >= 0) or a share "
+            f"of them (float in [0, 1]), as Lightning's `limit_val_batches`; got {limit_batches!r}."
+        )
+    if not isinstance(every_n, int) or isinstance(every_n, bool) or every_n < 1:
+        raise ValueError(
+            f"Expected `generate_every_n_validations` to be a positive int, got {every_n!r}."
+        )
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -20,18 +20,21 @@ from mllm_metrics.functional import (
     _bit_match_update,
     _check_text_inputs,
     _check_token_inputs,
+    _equal_sequences_update,
     _exact_match_rows,
     _exact_match_update,
+    _positional_match_update,
     _ratio,
     _row_nll,
     _text_bit_match_update,
-    _text_exact_match_update,
     _token_nll_update,
 )
 
 __all__ = [
     "BitMatchAccuracy",
     "ExactMatchAccuracy",
+    "GeneratedBitMatch",
+    "GeneratedExactMatch",
     "TextBitMatchAccuracy",
     "TextExactMatch",
     "TokenNLL",
@@ -455,7 +458,112 @@ class TextExactMatch(_CountRatio):
 
     def update(self, preds: str | Sequence[str], target: str | Sequence[str]) -> None:
         """Add one batch's equal strings and strings."""
-        self._add(*_text_exact_match_update(*_check_text_inputs(preds, target)))
+        self._add(*_equal_sequences_update(*_check_text_inputs(preds, target)))
+
+
+def _check_answers(
+    generated: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]
+) -> tuple[list[list[int]], list[list[int]]]:
+    def as_lists(answers: Any, name: str) -> list[list[int]]:
+        if isinstance(answers, Tensor) and answers.ndim == 2:
+            return answers.tolist()
+        if (
+            isinstance(answers, Sequence)
+            and not isinstance(answers, str)
+            and all(isinstance(answer, (Sequence, Tensor)) for answer in answers)
+            and not any(isinstance(answer, str) for answer in answers)
+        ):
+            return [
+                answer.tolist() if isinstance(answer, Tensor) else list(answer)
+                for answer in answers
+            ]
+        raise TypeError(
+            f"Expected `{name}` to be a sequence of answers, each a sequence of token ids, got "
+            f"{type(answers).__name__}. Likely cause: decoded strings passed to a token metric; "
+            "use TextBitMatchAccuracy / TextExactMatch for those."
+        )
+
+    generated_lists, reference_lists = (
+        as_lists(generated, "generated"),
+        as_lists(reference, "reference"),
+    )
+    if len(generated_lists) != len(reference_lists):
+        raise ValueError(
+            f"Got {len(generated_lists)} generated answers but {len(reference_lists)} reference "
+            "answers; each generated answer needs exactly one reference."
+        )
+    return generated_lists, reference_lists
+
+
+class GeneratedBitMatch(_CountRatio):
+    """Token accuracy of generated (free-running) answers against their references.
+
+    Correct = equal tokens position by position over the shorter length; total = the longer
+    length, so missing and extra tokens are errors (the rule of
+    :class:`TextBitMatchAccuracy`, on token ids). See :mod:`mllm_metrics.generation`.
+
+    As input to ``forward`` and ``update`` the metric accepts ``generated`` and ``reference``:
+    sequences of answers, each a sequence of token ids (lengths may differ). It returns a float
+    scalar tensor.
+
+    States: ``gen_bit_match_correct`` and ``gen_bit_match_total``, int64, summed across
+    processes.
+
+    Args:
+        zero_division: value returned when no token has been seen.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> from mllm_metrics import GeneratedBitMatch
+        >>> metric = GeneratedBitMatch()
+        >>> metric([[5, 6, 2], [7, 2]], [[5, 6, 2], [7, 8, 2]])  # (3 + 1) / (3 + 3)
+        tensor(0.6667)
+
+    """
+
+    _numerator_state = "gen_bit_match_correct"
+    _denominator_state = "gen_bit_match_total"
+    gen_bit_match_correct: Tensor
+    gen_bit_match_total: Tensor
+
+    def update(
+        self, generated: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]
+    ) -> None:
+        """Add one batch's equal tokens and compared tokens."""
+        self._add(*_positional_match_update(*_check_answers(generated, reference)))
+
+
+class GeneratedExactMatch(_CountRatio):
+    """Share of generated (free-running) answers equal to their reference, token for token.
+
+    As input to ``forward`` and ``update`` the metric accepts ``generated`` and ``reference``:
+    sequences of answers, each a sequence of token ids. It returns a float scalar tensor.
+
+    States: ``gen_exact_match_correct`` and ``gen_exact_match_total``, int64, summed across
+    processes.
+
+    Args:
+        zero_division: value returned when no answer has been seen.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> from mllm_metrics import GeneratedExactMatch
+        >>> metric = GeneratedExactMatch()
+        >>> metric([[5, 6, 2], [7, 2]], [[5, 6, 2], [7, 8, 2]])
+        tensor(0.5000)
+
+    """
+
+    _numerator_state = "gen_exact_match_correct"
+    _denominator_state = "gen_exact_match_total"
+    gen_exact_match_correct: Tensor
+    gen_exact_match_total: Tensor
+
+    def update(
+        self, generated: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]
+    ) -> None:
+        """Add one batch's equal answers and answers."""
+        self._add(*_equal_sequences_update(*_check_answers(generated, reference)))
 
 
 class _CausalLMMetrics(MetricCollection):
