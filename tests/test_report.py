@@ -459,3 +459,24 @@ def test_report_needs_no_framework_and_says_when_matplotlib_is_missing(records_d
     result = _python(code, ())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_records_without_nll_are_read_and_ranked_by_share_then_index(tmp_path):
+    # `StreamingMetrics(nll=False)` writes `"nll": null`.
+    _write(
+        tmp_path,
+        "eval_step0000010.jsonl",
+        [
+            _record(0, None, 4, 4, True, None),
+            _record(1, None, 4, 1, False, None),
+            _record(2, None, 2, 1, False, None),
+        ],
+    )
+    [file] = load_records(tmp_path)
+    summary = summarize(file.records)
+    assert summary.overall.bit_match == pytest.approx(6 / 10)
+    assert math.isnan(summary.overall.nll)
+    text = format_report([file], worst=3)
+    worst = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    # Rows of the worst-samples table, after its header: 1/4, then 1/2, then 4/4.
+    assert worst[worst.index("index") + 1 : worst.index("index") + 4] == ["1", "2", "0"]

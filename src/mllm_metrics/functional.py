@@ -230,6 +230,25 @@ def _token_nll_update(logits: Tensor, target: Tensor, ignore_index: int) -> tupl
     return nll, (target != ignore_index).sum()
 
 
+def _decoded_supervised_spans(
+    tokenizer: Any,
+    preds: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    rows: Sequence[int] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Each row's predicted and reference ids at its supervised positions, decoded
+    (``skip_special_tokens=True``); all rows, or ``rows``."""
+    supervised = target != ignore_index
+    rows = range(target.shape[0]) if rows is None else rows
+    predicted = [preds[row][supervised[row]].tolist() for row in rows]
+    expected = [target[row][supervised[row]].tolist() for row in rows]
+    return (
+        tokenizer.batch_decode(predicted, skip_special_tokens=True),
+        tokenizer.batch_decode(expected, skip_special_tokens=True),
+    )
+
+
 def _ratio(numerator: Tensor, denominator: Tensor, zero_division: float) -> Tensor:
     """``numerator / denominator`` as float32, ``zero_division`` where the denominator is 0.
 

@@ -175,8 +175,10 @@ def greedy_answers(
         prompts: from :func:`build_prompts`.
         max_new_tokens: the most tokens generated per row.
         end_ids: the end-of-sequence ids.
-        lockstep: decode exactly ``max_new_tokens`` steps (processes of a sharded model must
-            call its forward the same number of times); otherwise stop when every row ended.
+        lockstep: processes of a sharded model must call its forward the same number of
+            times: the loop then decodes exactly ``max_new_tokens`` steps (no collective), and
+            ``generate`` gets ``synced_gpus=True`` (transformers' own all-reduce at each step);
+            otherwise decoding stops when every row has ended.
 
     Returns:
         One list of token ids per row.

@@ -60,6 +60,7 @@ from mllm_metrics.chunked import NOT_PREDICTED, _check_chunk_size, supervised_he
 from mllm_metrics.functional import (
     _check_label_values,
     _check_labels_dtype,
+    _decoded_supervised_spans,
     _is_signed_integer,
     _row_nll,
     causal_shift,
@@ -631,7 +632,7 @@ class StreamingMetrics:
                 self._nll.update(row_nll, target)
             texts = None
             if self.tokenizer is not None:
-                texts = _decoded_spans(self.tokenizer, preds, target, self.ignore_index)
+                texts = _decoded_supervised_spans(self.tokenizer, preds, target, self.ignore_index)
                 has_label = (target != self.ignore_index).any(dim=1).tolist()
                 self._text.update(
                     *([t for t, keep in zip(side, has_label) if keep] for side in texts)
@@ -678,19 +679,6 @@ class StreamingMetrics:
         if self._text is not None:
             self._text.reset()
         self._records.clear()
-
-
-def _decoded_spans(
-    tokenizer: Any, preds: Tensor, target: Tensor, ignore_index: int
-) -> tuple[list[str], list[str]]:
-    """Each row's predicted and reference supervised span, decoded."""
-    supervised = target != ignore_index
-    predicted = [row[mask].tolist() for row, mask in zip(preds, supervised)]
-    expected = [row[mask].tolist() for row, mask in zip(target, supervised)]
-    return (
-        tokenizer.batch_decode(predicted, skip_special_tokens=True),
-        tokenizer.batch_decode(expected, skip_special_tokens=True),
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from mllm_metrics.chunked import (
 from mllm_metrics.functional import (
     _bit_match_rows,
     _check_token_inputs,
+    _decoded_supervised_spans,
     _exact_match_rows,
     _row_nll,
     causal_shift,
@@ -370,7 +371,9 @@ class MultimodalLMModule(pl.LightningModule):
                 self._update_groups(metrics["groups"], preds, target, row_nll, group)
                 columns["group"] = [self.groups[i] for i in group[kept].tolist()]
             if self.tokenizer is not None:
-                texts = self._decoded_spans(preds, target, kept)
+                texts = _decoded_supervised_spans(
+                    self.tokenizer, preds, target, self.ignore_index, kept
+                )
                 self._update_text_metrics(metrics["text"], target, kept, texts)
                 columns["prediction"], columns["reference"] = texts
             if self.generate_max_new_tokens is not None:
@@ -651,18 +654,6 @@ class MultimodalLMModule(pl.LightningModule):
             for position, key in enumerate(keys):
                 values[f"{name}_{position}"] = _GroupValue(metric, key, f"{name}/{key}")
         return grouped, nn.ModuleDict(values)
-
-    def _decoded_spans(
-        self, preds: Tensor, target: Tensor, rows: list[int]
-    ) -> tuple[list[str], list[str]]:
-        """The decoded predicted and reference supervised spans of ``rows``."""
-        supervised = target != self.ignore_index
-        predicted = [preds[row][supervised[row]].tolist() for row in rows]
-        expected = [target[row][supervised[row]].tolist() for row in rows]
-        return (
-            self.tokenizer.batch_decode(predicted, skip_special_tokens=True),
-            self.tokenizer.batch_decode(expected, skip_special_tokens=True),
-        )
 
     def _update_text_metrics(
         self,
