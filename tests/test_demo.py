@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -27,6 +28,7 @@ from mllm_metrics.demo.cli import (  # noqa: E402
     run_demo,
 )
 from mllm_metrics.demo.data import (  # noqa: E402
+    GROUPS,
     PROMPT,
     BitImageCollator,
     BitImageDataset,
@@ -52,6 +54,20 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         return list(reader.fieldnames or []), list(reader)
+
+
+def _read_records(directory: Path) -> dict[str, list[dict]]:
+    """Every ``*.jsonl`` file of a records directory, by name, read with plain json."""
+    return {
+        path.name: [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(directory.glob("*.jsonl"))
+    }
+
+
+def _group_by_hand(answer: str) -> str:
+    """The group of an answer from its count of ones (independent of the demo's code)."""
+    ones = sum(1 for character in answer if character == "1")
+    return "few-ones" if ones <= len(answer) / 2 else "many-ones"
 
 
 def _run_cli(out: Path, *options: str, timeout: int = 300) -> list[dict[str, str]]:
@@ -98,6 +114,24 @@ def test_default_noise_keeps_the_task_solvable():
     assert wrong <= 0.05 * len(val)  # a thresholding reader gets >= 95% of the answers right
 
 
+@pytest.mark.parametrize("bits", [16, 9, 4])
+def test_each_sample_is_grouped_by_its_count_of_ones(bits):
+    data = BitImageDataset(300, bits, seed=5, cell_size=2, noise=0.0)
+    side = math.ceil(math.sqrt(bits))
+    seen = set()
+    for index in range(len(data)):
+        row = data[index]
+        # Count the white cells of the image itself, not the answer the code derived.
+        ones = sum(m > 0.5 for m in _cell_means(row["image"], side, 2)[:bits])
+        expected = "few-ones" if 2 * ones <= bits else "many-ones"
+        assert row["group"] == expected == _group_by_hand(row["answer"]), row["answer"]
+        seen.add(row["group"])
+    assert seen == set(GROUPS) == {"few-ones", "many-ones"}
+    # Exactly half of the bits set is "few": 8 of 16, 2 of 4 (seed 0's first answer is 0110).
+    assert BitImageDataset(1, 4, seed=0)[0]["answer"] == "0110"
+    assert BitImageDataset(1, 4, seed=0)[0]["group"] == "few-ones"
+
+
 def test_draw_without_noise_is_exact():
     images = draw_bit_images(torch.tensor([[1, 0, 1, 1]]), cell_size=2, noise=0.0)
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]).float()
@@ -132,6 +166,24 @@ def test_collator_supervises_only_the_answer():
         assert supervised[-1] == tokenizer.eos_token_id
 
 
+def test_collator_adds_the_groups_only_when_asked():
+    tokenizer = char_tokenizer()
+    rows = [BitImageDataset(6, 16, seed=2)[i] for i in range(6)]
+    plain = BitImageCollator(tokenizer)(rows)
+    # transformers.Trainer calls model(**batch): by default no key the model does not take.
+    assert set(plain) == {"input_ids", "attention_mask", "labels", "images"}
+    for key in ("group", "subset"):
+        grouped = BitImageCollator(tokenizer, group_key=key)(rows)
+        assert set(grouped) == {*plain, key}
+        assert grouped[key] == [_group_by_hand(row["answer"]) for row in rows]
+        assert set(grouped[key]) == set(GROUPS)  # both occur in these rows
+        for name, value in plain.items():
+            assert torch.equal(grouped[name], value), name
+    with pytest.raises(ValueError, match="group_key"):
+        BitImageCollator(tokenizer, group_key="")
+    assert BitImageCollator(tokenizer, group_key=None)(rows).keys() == plain.keys()
+
+
 @pytest.mark.parametrize("patch_cells, positions", [(1, 16), (2, 4)])
 def test_forward_expands_each_placeholder_into_one_position_per_patch(patch_cells, positions):
     config = DemoConfig(bits=16, cell_size=3, patch_cells=patch_cells)
@@ -148,12 +200,38 @@ def test_forward_expands_each_placeholder_into_one_position_per_patch(patch_cell
 # ---- the command line -----------------------------------------------------------------------
 
 
-def test_short_run_writes_csv_table_and_png(tmp_path, capsys):
+def _check_records_against_history(
+    records: dict[str, list[dict]], rows: list[dict[str, str]], stage: str, val_size: int
+) -> None:
+    """Each validation's records file: one line per sample, whose sums give the logged values."""
+    assert list(records) == [f"{stage}_step{int(float(row['step'])):07d}.jsonl" for row in rows]
+    for lines, row in zip(records.values(), rows, strict=True):
+        assert [line["index"] for line in lines] == list(range(val_size))
+        supervised = sum(line["supervised_tokens"] for line in lines)
+        assert supervised == 17 * val_size  # 16 bits and </s> per answer
+        correct = sum(line["correct_tokens"] for line in lines)
+        assert correct / supervised == pytest.approx(float(row["val/bit_match"]), rel=1e-6)
+        exact = sum(line["exact"] is True for line in lines) / val_size
+        assert exact == pytest.approx(float(row["val/exact_match"]), abs=1e-7)
+        nll = sum(line["nll"] for line in lines) / supervised
+        assert nll == pytest.approx(float(row["val/loss"]), rel=1e-5)
+        for line in lines:
+            assert 0 <= line["correct_tokens"] <= line["supervised_tokens"] == 17
+            assert line["exact"] == (line["correct_tokens"] == 17)
+            # The decoded answer (</s> is a special token, skipped).
+            assert len(line["reference"]) == 16 and set(line["reference"]) <= {"0", "1"}
+            if line["exact"]:
+                assert line["prediction"] == line["reference"]
+
+
+def test_short_run_writes_csv_table_png_and_records(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *SHORT]) == 0
     printed = capsys.readouterr().out
     assert "data set labels" in printed and "processed labels" in printed
     assert str(out / "metrics.png") in printed
+    last = printed.rstrip("\n").splitlines()[-1]
+    assert last == f"Records: 3 files; read them with mllm-metrics report {out / 'records'}"
     columns, rows = _read_csv(out / "metrics.csv")
     assert columns == ["step", *METRIC_KEYS]
     assert [int(row["step"]) for row in rows] == [0, 3, 6]
@@ -163,13 +241,33 @@ def test_short_run_writes_csv_table_and_png(tmp_path, capsys):
     assert float(rows[-1]["val/loss"]) < float(rows[0]["val/loss"])  # it trained
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "table.md").read_text().startswith("| step | val/loss |")
+    records = _read_records(out / "records")
+    _check_records_against_history(records, rows, "val", val_size=256)
+    _, val = build_data(DemoConfig())
+    for lines in records.values():
+        for line in lines:
+            answer = val[line["index"]]["answer"]
+            assert line["reference"] == answer
+            assert line["group"] == _group_by_hand(answer)
+    assert {line["group"] for line in records["val_step0000006.jsonl"]} == set(GROUPS)
 
 
 def test_last_step_is_validated_when_not_a_multiple(tmp_path):
+    # An earlier run's records files go; other files in the directory stay.
+    (tmp_path / "records").mkdir()
+    for name in ("val_step0000999.jsonl", "eval_step0000004.jsonl", "notes.txt"):
+        (tmp_path / "records" / name).write_text("{}\n")
     result = run_demo(
         out=tmp_path, max_steps=5, val_every=3, val_size=16, progress_bar=False, verbose=False
     )
     assert [row["step"] for row in result.history] == [0, 3, 5]
+    assert result.records_dir == tmp_path / "records"
+    assert sorted(path.name for path in result.records_dir.iterdir()) == [
+        "notes.txt",
+        "val_step0000000.jsonl",
+        "val_step0000003.jsonl",
+        "val_step0000005.jsonl",
+    ]
 
 
 def test_cli_usage_and_errors(capsys):
@@ -181,7 +279,7 @@ def test_cli_usage_and_errors(capsys):
     assert "multiple of `devices`" in capsys.readouterr().err
 
 
-def test_ddp_on_two_processes_gives_the_one_process_numbers(tmp_path):
+def test_ddp_on_two_processes_gives_the_one_process_numbers_and_records(tmp_path):
     single = _run_cli(tmp_path / "single", "--devices", "1")
     ddp = _run_cli(tmp_path / "ddp", "--devices", "2")
     assert [row["step"] for row in ddp] == [row["step"] for row in single] == ["0", "3", "6"]
@@ -192,6 +290,20 @@ def test_ddp_on_two_processes_gives_the_one_process_numbers(tmp_path):
             else:  # ratios of integer counts
                 assert ddp_row[key] == single_row[key], key
     assert single[0] != single[-1]  # training changed the numbers
+    # The records: the same files, samples and order; every integer and string exactly.
+    single_records = _read_records(tmp_path / "single" / "records")
+    ddp_records = _read_records(tmp_path / "ddp" / "records")
+    assert (
+        list(ddp_records)
+        == list(single_records)
+        == [f"val_step{step:07d}.jsonl" for step in (0, 3, 6)]
+    )
+    for name, single_lines in single_records.items():
+        assert len(ddp_records[name]) == len(single_lines) == 256, name
+        for ddp_line, single_line in zip(ddp_records[name], single_lines, strict=True):
+            assert list(ddp_line) == list(single_line)
+            assert ddp_line["nll"] == pytest.approx(single_line["nll"], rel=1e-5)
+            assert {**ddp_line, "nll": None} == {**single_line, "nll": None}
 
 
 def test_trainer_backend_gives_the_lightning_numbers(tmp_path):
@@ -206,6 +318,24 @@ def test_trainer_backend_gives_the_lightning_numbers(tmp_path):
         assert hf_row["val/loss"] == pytest.approx(pl_row["val/loss"], rel=1e-4)
         for key in METRIC_KEYS[1:]:
             assert hf_row[key] == pytest.approx(pl_row[key], abs=0.005), key
+    # The Trainer writes the records too: no groups (its batches go to the model whole).
+    hf_records = _read_records(hf.records_dir)
+    columns = [{key: str(value) for key, value in row.items()} for row in hf.history]
+    _check_records_against_history(hf_records, columns, "eval", val_size=256)
+    _, val = build_data(DemoConfig())
+    for lines in hf_records.values():
+        assert [line["reference"] for line in lines] == [row["answer"] for row in val]
+        assert all("group" not in line for line in lines)
+    # Its text metrics are the decoded records' (rows with a supervised label; "01" kept).
+    for lines, row in zip(hf_records.values(), hf.history, strict=True):
+        exact = sum(line["prediction"] == line["reference"] for line in lines) / len(lines)
+        assert row["val/text_exact_match"] == pytest.approx(exact, abs=1e-7)
+        correct = total = 0
+        for line in lines:
+            predicted = "".join(c for c in line["prediction"] if c in "01")
+            correct += sum(a == b for a, b in zip(predicted, line["reference"]))
+            total += max(len(predicted), len(line["reference"]))
+        assert row["val/text_bit_match"] == pytest.approx(correct / total, rel=1e-6)
 
 
 # ---- the progress bar -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import sys
@@ -16,6 +17,7 @@ pytest.importorskip("lightning.pytorch")
 pytest.importorskip("transformers")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+DEMO_PNG = NOTEBOOK.parents[1] / "docs" / "demo.png"
 
 
 def _code_cells(notebook) -> list:
@@ -45,13 +47,31 @@ def _check_outputs(notebook) -> None:
     for name, trainer_value, lightning_value in pairs:
         assert trainer_value == lightning_value, name
     assert "| step | val/loss |" in printed  # (e): the demo's table
+    # (f): the per-group values, wrong samples from the records, the report of the demo's.
+    header = re.search(r"^\s+all\s+few-ones\s+many-ones\s+macro$", printed, re.MULTILINE)
+    assert header, "the per-group table"
+    for name in ("val/bit_match", "val/exact_match"):
+        assert re.search(rf"^{name}(\s+[01]\.\d{{3}}){{4}}$", printed, re.MULTILINE), name
+    assert re.search(r"^  prediction [01]+\n  reference  [01]{16}\n", printed, re.MULTILINE)
+    assert "| step | group | samples | bit_match | exact_match | nll |" in printed
+    assert "Worst 5 of 256 samples at step 500" in printed
     images = [
         output
         for cell in _code_cells(notebook)
         for output in cell.get("outputs", [])
         if "image/png" in output.get("data", {})
     ]
-    assert len(images) >= 4  # the bit images, plot(), the curves, the committed demo.png
+    # The bit images, plot(), the curves, the committed demo.png, the records' report.
+    assert len(images) >= 5
+    # The demo's picture is the committed one, not an older copy.
+    [shown] = [
+        output
+        for cell in _code_cells(notebook)
+        if "demo.png" in cell.source
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert base64.b64decode(shown["data"]["image/png"]) == DEMO_PNG.read_bytes()
 
 
 def test_committed_notebook_has_the_outputs_of_a_full_run():

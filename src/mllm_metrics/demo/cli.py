@@ -6,11 +6,12 @@ placeholder becomes one feature position per patch of cells), trained on the syn
 Token bit-match climbs long before whole answers are right: exact-match lags behind it.
 
 Run ``mllm-metrics demo --help`` (or ``python -m mllm_metrics.demo --help``). The results go
-to ``--out``: ``metrics.csv`` (one row per validation), ``metrics.png`` (the curves) and
-``table.md`` (the final table). ``--devices N`` trains with Lightning's ``ddp`` strategy on N
-CPU processes and gives the numbers of the one-process run; ``--backend hf`` trains the same
-model on the same data with the stock ``transformers.Trainer`` and
-:class:`mllm_metrics.hf.StreamingMetrics`.
+to ``--out``: ``metrics.csv`` (one row per validation), ``metrics.png`` (the curves),
+``table.md`` (the final table) and ``records/`` (one JSON Lines file of per-sample records per
+validation, each sample with its group; ``mllm-metrics report`` reads them). ``--devices N``
+trains with Lightning's ``ddp`` strategy on N CPU processes and gives the numbers (and records)
+of the one-process run; ``--backend hf`` trains the same model on the same data with the stock
+``transformers.Trainer`` and :class:`mllm_metrics.hf.StreamingMetrics`.
 
 This module only parses the command line: it imports the run (:mod:`mllm_metrics.demo.runner`,
 which needs the ``[demo]`` extra) once the options are known, so ``--help`` works with the base
@@ -95,7 +96,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Train a tiny LLaVA-style model (its forward rewrites the labels) to read "
         "the bits drawn in small images, validating with mllm-metrics' bit-match and "
-        "exact-match; write metrics.csv, table.md and metrics.png. Needs the demo extra: "
+        "exact-match; write metrics.csv, table.md, metrics.png and the per-sample records "
+        "(records/, read by mllm-metrics report). Needs the demo extra: "
         f"{DEMO_EXTRA}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -18,6 +18,7 @@ __all__ = [
     "DEMO_EXTRA",
     "METRIC_KEYS",
     "PNG_NAME",
+    "RECORDS_NAME",
     "TABLE_NAME",
     "DemoConfig",
     "DemoResult",
@@ -33,6 +34,8 @@ METRIC_KEYS: tuple[str, ...] = (
     "val/text_exact_match",
 )
 CSV_NAME, PNG_NAME, TABLE_NAME = "metrics.csv", "metrics.png", "table.md"
+#: The directory, in ``out``, of the per-sample records of every validation.
+RECORDS_NAME = "records"
 BACKENDS = ("lightning", "hf")
 #: The command that installs everything the demo uses.
 DEMO_EXTRA = 'pip install "mllm-metrics[demo]"'
@@ -75,7 +78,9 @@ class DemoConfig:
     """Everything a demo run depends on; the defaults are the calibrated run of the README.
 
     Attributes:
-        out: directory of ``metrics.csv``, ``metrics.png`` and ``table.md``.
+        out: directory of ``metrics.csv``, ``metrics.png``, ``table.md`` and ``records/``
+            (one JSON Lines file of per-sample records per validation, with each sample's
+            group; the records files of an earlier run there are removed when a run starts).
         seed: seed of the data, the model's initialisation and the training order.
         bits: bits per image (the answer's length); the grid is the smallest square that
             holds them.
@@ -153,6 +158,11 @@ class DemoConfig:
             )
 
     @property
+    def records_dir(self) -> Path:
+        """Where the validations' records go: ``out / "records"``."""
+        return self.out / RECORDS_NAME
+
+    @property
     def grid(self) -> int:
         """Cells per side of the images (a multiple of ``patch_cells``)."""
         from mllm_metrics.demo.data import grid_side  # imports torch and transformers
@@ -176,6 +186,9 @@ class DemoResult:
         png_path: path of ``metrics.png``; None when matplotlib is not installed (no picture).
         seconds: wall time of the whole run.
         config: the run's configuration.
+        records_dir: the directory of the per-sample records, one JSON Lines file per
+            validation (``val_step0000050.jsonl``, ``eval_...`` with ``--backend hf``); read
+            them with ``mllm-metrics report`` or :func:`mllm_metrics.report.load_records`.
     """
 
     history: list[dict[str, float]]
@@ -184,6 +197,7 @@ class DemoResult:
     png_path: Path | None
     seconds: float
     config: DemoConfig = field(repr=False)
+    records_dir: Path | None = None
 
     @property
     def final(self) -> dict[str, float]:

@@ -8,9 +8,11 @@ mid-gray. Everything is generated from a seed; nothing is downloaded.
 A row of the data set becomes ``<s> <image> bits:`` (the prompt, unsupervised) followed by
 ``0110...</s>`` (the answer, supervised), where ``<image>`` is the placeholder id ``-200``
 that :class:`~mllm_metrics.demo.TinyLlavaForCausalLM` replaces by one feature position per
-cell inside its ``forward``. The text goes through a character-level tokenizer built with the
-``tokenizers`` library and wrapped as a ``transformers.PreTrainedTokenizerFast``, so the text
-metrics compare real decoded strings.
+patch of cells inside its ``forward``. Each sample also belongs to one of two :data:`GROUPS`,
+by how many of its bits are 1 (:func:`ones_group`), for the per-group metrics and records.
+The text goes through a character-level tokenizer built with the ``tokenizers`` library and
+wrapped as a ``transformers.PreTrainedTokenizerFast``, so the text metrics compare real
+decoded strings.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mllm_metrics.demo.model import IMAGE_TOKEN_INDEX, make_multimodal_batch
 
 __all__ = [
     "ALPHABET",
+    "GROUPS",
     "PROMPT",
     "SPECIAL_TOKENS",
     "BitImageCollator",
@@ -36,6 +39,7 @@ __all__ = [
     "decode_bit_images",
     "draw_bit_images",
     "grid_side",
+    "ones_group",
 ]
 
 #: Special tokens, with the ids :func:`~mllm_metrics.demo.tiny_llava_config` expects.
@@ -49,6 +53,8 @@ SPECIAL_TOKENS: dict[str, str] = {
 ALPHABET = "01 abcdefghijklmnopqrstuvwxyz:?"
 #: The text after the image placeholder in every prompt.
 PROMPT = " bits:"
+#: The groups of the samples: at most half of the answer's bits are 1, or more than half.
+GROUPS: tuple[str, str] = ("few-ones", "many-ones")
 _GRAY = 0.5
 
 
@@ -102,6 +108,25 @@ def grid_side(bits: int, multiple: int = 1) -> int:
             raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}.")
     side = math.isqrt(bits - 1) + 1
     return -(-side // multiple) * multiple
+
+
+def ones_group(answer: str) -> str:
+    """The group of an answer: ``"few-ones"`` when at most half of its bits are 1, else
+    ``"many-ones"`` (see :data:`GROUPS`).
+
+    Args:
+        answer: the bit string, e.g. ``"0110"``.
+
+    Returns:
+        One of :data:`GROUPS`.
+
+    Example:
+        >>> ones_group("0110"), ones_group("0111"), ones_group("0001")
+        ('few-ones', 'many-ones', 'few-ones')
+    """
+    if not answer or set(answer) - {"0", "1"}:
+        raise ValueError(f"Expected a non-empty string of 0s and 1s, got {answer!r}.")
+    return GROUPS[0] if 2 * answer.count("1") <= len(answer) else GROUPS[1]
 
 
 def draw_bit_images(
@@ -180,10 +205,13 @@ class BitImageDataset(Dataset):
         bits: ``(size, bits)`` int64 tensor of the answers' bits.
         images: ``(size, 1, H, W)`` images.
 
+    A row is ``{"image": (1, H, W) tensor, "answer": "0110...", "group": "few-ones"}``, its
+    group given by :func:`ones_group`.
+
     Example:
         >>> data = BitImageDataset(3, bits=4, seed=0, cell_size=2)
-        >>> len(data), data[0]["image"].shape, data[0]["answer"]
-        (3, torch.Size([1, 4, 4]), '0110')
+        >>> len(data), data[0]["image"].shape, data[0]["answer"], data[0]["group"]
+        (3, torch.Size([1, 4, 4]), '0110', 'few-ones')
     """
 
     def __init__(
@@ -211,10 +239,8 @@ class BitImageDataset(Dataset):
         return self.bits.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
-            "image": self.images[index],
-            "answer": "".join(map(str, self.bits[index].tolist())),
-        }
+        answer = "".join(map(str, self.bits[index].tolist()))
+        return {"image": self.images[index], "answer": answer, "group": ones_group(answer)}
 
 
 class BitImageCollator:
@@ -225,6 +251,10 @@ class BitImageCollator:
 
     Args:
         tokenizer: the tokenizer of :func:`char_tokenizer`.
+        group_key: also put the rows' groups (a list of str, see :data:`GROUPS`) in the batch
+            under this key, for ``MultimodalLMModule(group_key=..., groups=GROUPS)``, which
+            removes it before calling the model. None (the default) leaves them out:
+            ``transformers.Trainer`` passes every key of the batch to the model's ``forward``.
 
     Example:
         >>> collate = BitImageCollator(char_tokenizer())
@@ -234,21 +264,32 @@ class BitImageCollator:
 [[-100, -100, -100, -100, -100, -100, -100, -100, 4, 5, 5, 4, 2]])
         >>> batch["images"].shape
         torch.Size([1, 1, 4, 4])
+        >>> collate = BitImageCollator(char_tokenizer(), group_key="group")
+        >>> collate([BitImageDataset(2, bits=4, seed=0)[i] for i in range(2)])["group"]
+        ['few-ones', 'many-ones']
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, group_key: str | None = None) -> None:
+        if group_key is not None and (not isinstance(group_key, str) or not group_key):
+            raise ValueError(
+                f"Expected `group_key` to be a non-empty str or None, got {group_key!r}."
+            )
         self.tokenizer = tokenizer
+        self.group_key = group_key
         prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
         self.prompt = [tokenizer.bos_token_id, IMAGE_TOKEN_INDEX, *prompt]
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         answers = self.tokenizer([row["answer"] for row in rows], add_special_tokens=False)
-        return make_multimodal_batch(
+        batch = make_multimodal_batch(
             [self.prompt] * len(rows),
             [ids + [self.tokenizer.eos_token_id] for ids in answers["input_ids"]],
             torch.stack([row["image"] for row in rows]),
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        if self.group_key is not None:
+            batch[self.group_key] = [row["group"] for row in rows]
+        return batch
 
 
 class StepSampler(DistributedSampler):

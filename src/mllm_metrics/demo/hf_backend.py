@@ -3,11 +3,12 @@
 Nothing is subclassed or overridden: :func:`mllm_metrics.hf.expose_processed_labels` makes the
 model's outputs carry its processed labels, and :class:`mllm_metrics.hf.StreamingMetrics` is
 passed as ``compute_metrics=`` with its ``preprocess_logits`` as
-``preprocess_logits_for_metrics=`` and ``TrainingArguments(batch_eval_metrics=True)``. The text
-metrics decode the gathered token ids with the demo's tokenizer (:class:`DecodedTextBitMatch`,
-:class:`DecodedTextExactMatch`), so they report what the Lightning module reports. The
-Trainer's own progress bars and printed log dictionaries give way to the demo's one bar of
-optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
+``preprocess_logits_for_metrics=`` and ``TrainingArguments(batch_eval_metrics=True)``. Given
+the demo's tokenizer, it decodes the gathered token ids for the text metrics (so they report
+what the Lightning module reports) and writes each evaluation's per-sample records to
+``out/records`` (without groups: the Trainer passes the whole batch to the model's
+``forward``). The Trainer's own progress bars and printed log dictionaries give way to the
+demo's one bar of optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import inspect
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Subset
 from transformers import (
     PrinterCallback,
@@ -28,17 +29,11 @@ from transformers import (
 
 from mllm_metrics.demo.data import BitImageCollator, StepSampler
 from mllm_metrics.demo.progress import StepBar
-from mllm_metrics.metrics import (
-    BitMatchAccuracy,
-    ExactMatchAccuracy,
-    TextBitMatchAccuracy,
-    TextExactMatch,
-)
 
 if TYPE_CHECKING:
     from mllm_metrics.demo.config import DemoConfig
 
-__all__ = ["DecodedTextBitMatch", "DecodedTextExactMatch", "StepProgressCallback", "train_hf"]
+__all__ = ["StepProgressCallback", "train_hf"]
 
 # ``Trainer.evaluate()`` key -> the demo's column.
 _COLUMNS = {
@@ -48,80 +43,6 @@ _COLUMNS = {
     "eval_text_bit_match": "val/text_bit_match",
     "eval_text_exact_match": "val/text_exact_match",
 }
-
-
-def _decode_supervised(
-    tokenizer: Any, preds: Tensor, target: Tensor, ignore_index: int
-) -> tuple[list[str], list[str]]:
-    """Decode the supervised span of each row that has one (as ``MultimodalLMModule`` does)."""
-    supervised = target != ignore_index
-    rows = supervised.any(dim=1).nonzero().flatten().tolist()
-    predicted = [preds[row][supervised[row]].tolist() for row in rows]
-    expected = [target[row][supervised[row]].tolist() for row in rows]
-    return (
-        tokenizer.batch_decode(predicted, skip_special_tokens=True),
-        tokenizer.batch_decode(expected, skip_special_tokens=True),
-    )
-
-
-class DecodedTextBitMatch(TextBitMatchAccuracy):
-    """:class:`~mllm_metrics.TextBitMatchAccuracy` fed token ids, decoded with a tokenizer.
-
-    ``update(preds, target)`` takes ``(B, L)`` token ids and labels (after the causal shift),
-    decodes each row's supervised span (``skip_special_tokens=True``) and compares the strings.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        alphabet: characters kept before comparing (e.g. ``"01"``); None keeps all.
-        ignore_index: label of unsupervised positions.
-        **kwargs: passed to :class:`~mllm_metrics.TextBitMatchAccuracy`.
-
-    Example:
-        >>> import torch
-        >>> from mllm_metrics.demo.data import char_tokenizer
-        >>> metric = DecodedTextBitMatch(char_tokenizer(), alphabet="01")
-        >>> metric.update(torch.tensor([[9, 4, 4, 2]]), torch.tensor([[-100, 4, 5, 2]]))
-        >>> metric.compute()  # "00" against "01"
-        tensor(0.5000)
-    """
-
-    def __init__(
-        self, tokenizer: Any, alphabet: str | None = None, ignore_index: int = -100, **kwargs: Any
-    ) -> None:
-        super().__init__(alphabet=alphabet, **kwargs)
-        self.tokenizer = tokenizer
-        self.ignore_index = ignore_index
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        """Decode the supervised spans and add their character counts."""
-        super().update(*_decode_supervised(self.tokenizer, preds, target, self.ignore_index))
-
-
-class DecodedTextExactMatch(TextExactMatch):
-    """:class:`~mllm_metrics.TextExactMatch` fed token ids, decoded with a tokenizer.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        ignore_index: label of unsupervised positions.
-        **kwargs: passed to :class:`~mllm_metrics.TextExactMatch`.
-
-    Example:
-        >>> import torch
-        >>> from mllm_metrics.demo.data import char_tokenizer
-        >>> metric = DecodedTextExactMatch(char_tokenizer())
-        >>> metric.update(torch.tensor([[9, 4, 5, 2]]), torch.tensor([[-100, 4, 5, 2]]))
-        >>> metric.compute()
-        tensor(1.)
-    """
-
-    def __init__(self, tokenizer: Any, ignore_index: int = -100, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.tokenizer = tokenizer
-        self.ignore_index = ignore_index
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        """Decode the supervised spans and count the equal strings."""
-        super().update(*_decode_supervised(self.tokenizer, preds, target, self.ignore_index))
 
 
 class StepProgressCallback(TrainerCallback):
@@ -176,7 +97,8 @@ def train_hf(
 
     The settings mirror the Lightning backend: AdamW with a cosine decay and no warmup, no
     weight decay, no gradient clipping, the same micro-batches in the same order (gradient
-    accumulation), validation before training and every ``config.val_every`` steps.
+    accumulation), validation before training and every ``config.val_every`` steps. Each
+    evaluation writes its per-sample records to ``config.records_dir``.
 
     Args:
         config: the demo configuration.
@@ -191,13 +113,10 @@ def train_hf(
     """
     from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
+    # bit_match and exact_match, nll, text_bit_match and text_exact_match (with the tokenizer),
+    # and one records file per evaluation.
     streaming = StreamingMetrics(
-        {
-            "bit_match": BitMatchAccuracy(),
-            "exact_match": ExactMatchAccuracy(),
-            "text_bit_match": DecodedTextBitMatch(tokenizer, alphabet="01"),
-            "text_exact_match": DecodedTextExactMatch(tokenizer),
-        }
+        tokenizer=tokenizer, text_alphabet="01", records_dir=config.records_dir
     )
     step_rows = {"batch_size": config.batch_size, "micro_batches": config.micro_batches}
     supported = inspect.signature(TrainingArguments).parameters

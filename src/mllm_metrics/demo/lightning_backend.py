@@ -2,7 +2,10 @@
 
 The module is used as it is; the demo only gives it a cosine learning-rate schedule (the one
 ``transformers.get_cosine_schedule_with_warmup`` computes, without warmup), so that the last
-steps settle instead of jittering, and so that ``--backend hf`` trains the very same way.
+steps settle instead of jittering, and so that ``--backend hf`` trains the very same way. The
+validation batches carry each row's group (:data:`~mllm_metrics.demo.data.GROUPS`), so the
+module also logs the per-group values and writes each validation's per-sample records, with
+their group, to ``out/records``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mllm_metrics.demo.config import METRIC_KEYS
-from mllm_metrics.demo.data import BitImageCollator, StepSampler
+from mllm_metrics.demo.data import GROUPS, BitImageCollator, StepSampler
 from mllm_metrics.demo.progress import SHOWN_KEYS, StepBar
 from mllm_metrics.lightning import MultimodalLMModule
 
@@ -25,12 +28,16 @@ if TYPE_CHECKING:
     from mllm_metrics.demo.config import DemoConfig
 
 __all__ = [
+    "GROUP_KEY",
     "CosineScheduleModule",
     "History",
     "StepProgressBar",
     "cosine_factor",
     "train_lightning",
 ]
+
+#: The validation batches' key of the rows' groups.
+GROUP_KEY = "group"
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
@@ -75,6 +82,8 @@ class _BitImageData(pl.LightningDataModule):
         super().__init__()
         self.config, self.train, self.val = config, train, val
         self.collate = BitImageCollator(tokenizer)
+        # The validation rows' groups, for the module's per-group values and records.
+        self.collate_grouped = BitImageCollator(tokenizer, group_key=GROUP_KEY)
 
     def train_dataloader(self) -> DataLoader:
         config = self.config
@@ -95,7 +104,7 @@ class _BitImageData(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         # Under DDP Lightning deals it with a DistributedSampler (no shuffling); the module
         # recognises the rows that sampler repeats.
-        return DataLoader(self.val, batch_size=64, collate_fn=self.collate)
+        return DataLoader(self.val, batch_size=64, collate_fn=self.collate_grouped)
 
 
 class History(pl.Callback):
@@ -202,7 +211,8 @@ def train_lightning(
     ``config.devices > 1`` the ``ddp`` strategy spreads them over that many CPU processes and
     DDP's gradient all-reduce does the sum. :class:`StepSampler` puts the same rows in the
     micro-batches either way, and :class:`~mllm_metrics.lightning.MultimodalLMModule`'s
-    metrics are exact under DDP.
+    metrics are exact under DDP. Each validation also writes its per-sample records, with
+    their groups, to ``config.records_dir`` (the same files with one process or several).
 
     Args:
         config: the demo configuration.
@@ -221,6 +231,9 @@ def train_lightning(
         tokenizer=tokenizer,
         text_alphabet="01",
         learning_rate=config.learning_rate,
+        group_key=GROUP_KEY,
+        groups=GROUPS,
+        records_dir=config.records_dir,
     )
     history = History(METRIC_KEYS)
     # Lightning's start-up notes (GPU/TPU available, tips) say nothing about the demo.

@@ -2,9 +2,10 @@
 
 :func:`run_demo` is what ``mllm-metrics demo`` calls (see :mod:`mllm_metrics.demo.cli` for the
 command line). It trains with :mod:`mllm_metrics.demo.lightning_backend` or
-:mod:`mllm_metrics.demo.hf_backend` and writes ``metrics.csv``, ``table.md`` and, when
-matplotlib is installed, ``metrics.png`` to ``--out``. This module needs the ``[demo]`` extra
-(torch, transformers, tokenizers, and Lightning or accelerate for the chosen back-end).
+:mod:`mllm_metrics.demo.hf_backend` and writes to ``--out``: ``metrics.csv``, ``table.md``,
+``metrics.png`` (when matplotlib is installed) and ``records/``, the per-sample records of every
+validation (read by ``mllm-metrics report``). This module needs the ``[demo]`` extra (torch,
+transformers, tokenizers, and Lightning or accelerate for the chosen back-end).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import dataclasses
 import math
 import os
+import shlex
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -307,6 +309,31 @@ def plot_history(
 
 # ---- the run -----------------------------------------------------------------------------------
 
+# The records files the back-ends write (Lightning: val_..., Trainer: eval_...), and those
+# being written.
+_RECORDS_PATTERNS = tuple(
+    f"{stage}_step*{suffix}" for stage in ("val", "eval") for suffix in (".jsonl", ".jsonl.partial")
+)
+
+
+def _records_files(directory: Path) -> list[Path]:
+    """The demo's records files in ``directory``, sorted by name."""
+    return sorted(path for pattern in _RECORDS_PATTERNS for path in directory.glob(pattern))
+
+
+def _remove_old_records(directory: Path) -> None:
+    """Remove an earlier run's records files (other steps, or the other back-end's), so that
+    the directory holds this run's validations only."""
+    for path in _records_files(directory):
+        path.unlink()
+
+
+def _records_line(directory: Path) -> str:
+    """The last line of the run: the records written, and the command that reads them."""
+    count = len([path for path in _records_files(directory) if path.suffix == ".jsonl"])
+    files = "1 file" if count == 1 else f"{count} files"
+    return f"Records: {files}; read them with mllm-metrics report {shlex.quote(str(directory))}"
+
 
 def _is_rank_zero() -> bool:
     # Lightning's DDP launcher and torchrun set these in the processes they start.
@@ -325,7 +352,8 @@ def run_demo(config: DemoConfig | None = None, **overrides: Any) -> DemoResult:
 
     Returns:
         The history, the table and the paths of what was written (no PNG, and
-        ``png_path=None``, when matplotlib is not installed: the run says so before training).
+        ``png_path=None``, when matplotlib is not installed: the run says so before training),
+        with the records directory (an earlier run's records files there are removed first).
 
     Raises:
         ModuleNotFoundError: before anything runs, when the back-end's framework is missing.
@@ -364,6 +392,8 @@ def _run(config: DemoConfig) -> DemoResult:
     model = build_model(config, tokenizer)
     first_rows = BitImageCollator(tokenizer)([val[i] for i in range(4)])
     say(describe_batch(model, first_rows, tokenizer, grid=config.grid))
+    if rank_zero:  # the back-ends write this run's records files there
+        _remove_old_records(config.records_dir)
     say(
         f"Training {config.max_steps} steps of {config.batch_size} rows ("
         f"{config.micro_batches} micro-batches) on {config.devices} CPU process(es) with "
@@ -402,4 +432,5 @@ def _run(config: DemoConfig) -> DemoResult:
         )
         say(f"Wrote {csv_path}, {config.out / TABLE_NAME}")
         say(f"Plot: {png_path}" if png_path else "Plot: none (matplotlib is not installed).")
-    return DemoResult(rows, table, csv_path, png_path, seconds, config)
+        say(_records_line(config.records_dir))
+    return DemoResult(rows, table, csv_path, png_path, seconds, config, config.records_dir)
