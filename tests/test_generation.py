@@ -346,3 +346,66 @@ def test_short_max_new_tokens_counts_as_a_miss_with_one_warning(trained_model):
         [results] = _trainer().validate(module, loader, verbose=False)
     assert len([w for w in caught if w.category is MllmMetricsWarning]) == 1  # 4 batches
     assert results["val/gen_exact_match"] == 0.0
+
+
+@pytest.mark.parametrize(("limit", "batches"), [(1, 1), (0.5, 2), (1.0, 4), (0, 0)])
+def test_limit_generate_batches_counts_batches_or_a_share(trained_model, limit, batches):
+    from torch.utils.data import DataLoader
+
+    from mllm_metrics.lightning import MultimodalLMModule
+
+    module = MultimodalLMModule(
+        trained_model, generate_max_new_tokens=6, limit_generate_batches=limit
+    )
+    loader = DataLoader(_eval_batches("single"), batch_size=None)  # 4 batches of 6 rows
+    counted = []
+
+    class Count(pl.Callback):  # before Lightning resets the logged metrics
+        def on_validation_epoch_end(self, trainer, module):
+            metric = module.eval_metrics["val_0"]["generated"]["gen_exact_match"]
+            counted.append(int(metric.gen_exact_match_total))
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Count()],
+    )
+    [results] = trainer.validate(module, loader, verbose=False)
+    assert counted == [6 * batches]
+    assert ("val/gen_exact_match" in results) == (batches > 0)
+
+
+def test_generate_every_n_validations_logs_the_gen_keys_in_those_only(trained_model):
+    from torch.utils.data import DataLoader
+
+    from mllm_metrics.lightning import MultimodalLMModule
+
+    module = MultimodalLMModule(
+        trained_model, generate_max_new_tokens=6, generate_every_n_validations=2
+    )
+    loader = DataLoader(_eval_batches("single", count=1), batch_size=None)
+    logged = [
+        sorted(
+            key for key in _trainer().validate(module, loader, verbose=False)[0] if "gen_" in key
+        )
+        for _ in range(3)
+    ]
+    assert logged == [["val/gen_bit_match", "val/gen_exact_match"], [], logged[0]]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"generate_max_new_tokens": 0}, "positive int or None"),
+        ({"generate_max_new_tokens": 4, "limit_generate_batches": 1.5}, "share"),
+        ({"generate_max_new_tokens": 4, "limit_generate_batches": -1}, "limit_val_batches"),
+        ({"generate_max_new_tokens": 4, "generate_every_n_validations": 0}, "positive int"),
+    ],
+)
+def test_bad_generation_arguments_are_clear_errors(arguments, match):
+    from mllm_metrics.lightning import MultimodalLMModule
+
+    with pytest.raises(ValueError, match=match):
+        MultimodalLMModule(_tiny_llava(), **arguments)

@@ -389,7 +389,7 @@ class MultimodalLMModule(pl.LightningModule):
     def _generates_this_epoch(self, stage: str) -> bool:
         """Whether this evaluation generates: every ``generate_every_n_validations``-th
         validation (the sanity check always, to try the path early), every test."""
-        if self.generate_max_new_tokens is None:
+        if self.generate_max_new_tokens is None or self.limit_generate_batches == 0:
             return False
         if stage != "val" or self.trainer.sanity_checking:
             return True
