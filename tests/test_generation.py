@@ -409,3 +409,96 @@ def test_bad_generation_arguments_are_clear_errors(arguments, match):
 
     with pytest.raises(ValueError, match=match):
         MultimodalLMModule(_tiny_llava(), **arguments)
+
+
+def test_a_text_only_batch_of_a_llava_style_model_is_generated_from_its_ids():
+    # LLaVA's prepare method passes a batch without images through as ids, without embeddings.
+    model = _tiny_llava()
+    prompts, answers = [[1, 7, 3], [1, 8, 9, 9, 4]], [[5, 5, EOS], [5, 9, EOS]]
+    batch = make_multimodal_batch(prompts, answers)
+    with torch.no_grad():
+        generated = greedy_answers(model, batch, build_prompts(batch), 6, [EOS])
+    expected = [_reference(_llava_style_next_logits(model, None), p, 6) for p in prompts]
+    assert generated == expected
+
+
+def test_a_row_whose_answer_has_nothing_before_it_is_not_counted():
+    batch = _text_batch([[], [1, 4]], [[5, EOS], [6, EOS]])
+    assert build_prompts(batch).references == [None, [6, EOS]]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("min_new_tokens", 6),
+        ("min_length", 12),
+        ("suppress_tokens", [5]),
+        ("no_repeat_ngram_size", 1),
+    ],
+)
+def test_the_models_generation_config_does_not_change_greedy_decoding(setting, value):
+    model = favour_token(tiny_llama(), bias=0.15)
+    setattr(model.generation_config, setting, value)
+    prompts, answers = [[1, 7, 3], [1, 8, 9, 9, 4, 11]], [[5, 5, EOS], [5, 9, EOS]]
+    batch = _text_batch(prompts, answers)
+    with torch.no_grad():
+        generated = greedy_answers(model, batch, build_prompts(batch), 8, [EOS])
+
+    def next_logits(ids):
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+    assert generated == [_reference(next_logits, p, 8) for p in prompts]
+
+
+def test_a_constraint_that_cannot_be_neutralised_is_named_in_a_warning():
+    from mllm_metrics import MllmMetricsWarning
+
+    model = tiny_llama()
+    model.generation_config.forced_eos_token_id = EOS
+    batch = _text_batch([[1, 7, 3]], [[5, EOS]])
+    with pytest.warns(MllmMetricsWarning, match="forced_eos_token_id"), torch.no_grad():
+        greedy_answers(model, batch, build_prompts(batch), 3, [EOS])
+
+
+def test_references_without_an_end_token_get_one_warning(trained_model):
+    from torch.utils.data import DataLoader
+
+    from mllm_metrics import MllmMetricsWarning
+    from mllm_metrics.lightning import MultimodalLMModule
+
+    batches = _eval_batches("single", count=2)
+    for batch in batches:  # the end token is no longer supervised
+        batch["labels"][batch["labels"] == EOS] = -100
+    module = MultimodalLMModule(trained_model, generate_max_new_tokens=6)
+    with pytest.warns(MllmMetricsWarning, match="does not end with an end-of-sequence") as caught:
+        _trainer().validate(module, DataLoader(batches, batch_size=None), verbose=False)
+    assert len([w for w in caught if w.category is MllmMetricsWarning]) == 1
+
+
+def test_a_share_of_an_unsized_loader_is_a_clear_error(trained_model):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from mllm_metrics.lightning import MultimodalLMModule
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(_eval_batches("single", count=1))
+
+    module = MultimodalLMModule(
+        trained_model, generate_max_new_tokens=6, limit_generate_batches=0.5
+    )
+    with pytest.raises(ValueError, match="has no length"):
+        _trainer().validate(module, DataLoader(Stream(), batch_size=None), verbose=False)
+
+
+def test_a_second_evaluation_at_the_same_step_warns_that_it_overwrites(trained_model, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mllm_metrics import MllmMetricsWarning
+    from mllm_metrics.lightning import MultimodalLMModule
+
+    module = MultimodalLMModule(trained_model, records_dir=tmp_path)
+    loader = DataLoader(_eval_batches("single", count=1), batch_size=None)
+    _trainer().validate(module, loader, verbose=False)
+    with pytest.warns(MllmMetricsWarning, match="overwritten"):
+        _trainer().validate(module, loader, verbose=False)

@@ -50,10 +50,10 @@ def test_each_group_equals_the_metric_on_that_groups_rows_alone():
         correct, total = brute_force_bit_match(preds, target, -100)
         hits, counted = brute_force_exact_match(preds, target, -100)
         # Raw counts first: a ratio could hide two errors that cancel.
-        assert bit.bit_match_correct_per_group[slot] == correct
-        assert bit.bit_match_total_per_group[slot] == total
-        assert exact.exact_match_correct_per_group[slot] == hits
-        assert exact.exact_match_total_per_group[slot] == counted
+        assert bit.sums[0][slot] == correct
+        assert bit.sums[1][slot] == total
+        assert exact.sums[0][slot] == hits
+        assert exact.sums[1][slot] == counted
         assert bit_values[name].item() == pytest.approx(correct / total if total else 0.0)
         assert exact_values[name].item() == pytest.approx(hits / counted if counted else 0.0)
         if total:  # torchmetrics' own micro accuracy on the group's rows
@@ -61,7 +61,7 @@ def test_each_group_equals_the_metric_on_that_groups_rows_alone():
             reference.update(torch.tensor(preds), torch.tensor(target))
             assert bit_values[name].item() == pytest.approx(reference.compute().item())
     # The last group had no row: it is left out of the macro mean.
-    assert bit.bit_match_total_per_group[2] == 0
+    assert bit.sums[1][2] == 0
     with_data = [bit_values[name].item() for name in GROUPS[:2]]
     assert bit_values["macro"].item() == pytest.approx(sum(with_data) / 2)
     with_data = [exact_values[name].item() for name in GROUPS[:2]]
@@ -94,8 +94,8 @@ def test_names_and_positions_give_the_same_counts():
     by_name, by_position = (GroupedMetric(BitMatchAccuracy(), GROUPS) for _ in range(2))
     by_name.update(preds, target, names)
     by_position.update(preds, target, positions)
-    assert torch.equal(by_name.bit_match_correct_per_group, by_position.bit_match_correct_per_group)
-    assert torch.equal(by_name.bit_match_total_per_group, by_position.bit_match_total_per_group)
+    assert torch.equal(by_name.sums[0], by_position.sums[0])
+    assert torch.equal(by_name.sums[1], by_position.sums[1])
 
 
 @pytest.mark.parametrize(
@@ -107,19 +107,40 @@ def test_names_and_positions_give_the_same_counts():
         (["vqa"], ValueError, "groups for 1 rows, but the batch has 2 rows"),
         (torch.tensor([0.0, 1.0]), TypeError, "dtype torch.float32"),
         ("vqa", TypeError, "got str"),
+        ([0, 1], TypeError, "as an integer tensor"),
     ],
 )
 def test_a_bad_group_is_a_clear_error_that_changes_nothing(group, error, match):
     metric = GroupedMetric(BitMatchAccuracy(), GROUPS)
     metric.update(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 0]]), ["vqa", "ocr"])
-    before = (metric.bit_match_correct_per_group.clone(), metric.bit_match_total_per_group.clone())
+    before = tuple(state.clone() for state in metric.sums)
     with pytest.raises(error, match=match):
         metric.update(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 4]]), group)
     with pytest.raises(error, match=match):
         metric(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 4]]), group)
-    assert torch.equal(metric.bit_match_correct_per_group, before[0])
-    assert torch.equal(metric.bit_match_total_per_group, before[1])
+    assert torch.equal(metric.sums[0], before[0])
+    assert torch.equal(metric.sums[1], before[1])
     assert metric._update_count == 1
+
+
+def test_groupings_of_other_groups_never_share_a_compute_group():
+    from torchmetrics import MetricCollection
+
+    # Equal states after the first batch would let MetricCollection merge the two.
+    collection = MetricCollection(
+        {
+            "ab": GroupedMetric(BitMatchAccuracy(), ["a", "b"]),
+            "ba": GroupedMetric(BitMatchAccuracy(), ["b", "a"]),
+        },
+        compute_groups=True,
+    )
+    preds, target = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 0], [3, 0]])
+    collection.update(preds, target, group=["a", "b"])
+    collection.update(preds, target, group=["a", "a"])
+    values = collection.compute()
+    # "a": rows 1/2, 1/2, 1/2 -> 3/6; "b": 1/2 -> 1/2; the same whatever the order of the names.
+    assert values["ab_a"] == values["ba_a"] == pytest.approx(3 / 6)
+    assert len(collection.compute_groups) == 2
 
 
 @pytest.mark.parametrize(

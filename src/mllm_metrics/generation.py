@@ -28,6 +28,7 @@ left-aligned, then one token at a time is fed with its cache. Neither changes th
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.labels import PREPARE_METHOD
 
 __all__ = [
@@ -88,8 +90,9 @@ def build_prompts(
 ) -> GenerationPrompts:
     """The prompts and reference answers of a data-set batch (see the module docstring).
 
-    A row without a supervised label keeps its whole text as the prompt (its image
-    placeholders must still meet their images), and is not counted.
+    A row without a supervised label, or whose answer has nothing before it, keeps its whole
+    text as the prompt (its image placeholders must still meet their images) and is not
+    counted (its reference is None).
 
     Example:
         >>> batch = {"input_ids": torch.tensor([[1, -200, 7, 8, 2, 0], [1, 9, 9, 6, 6, 2]]),
@@ -116,6 +119,8 @@ def build_prompts(
     mask = torch.ones_like(input_ids) if mask is None else mask
     prompts, references = [], []
     for row, span in enumerate(answer_spans(labels, ignore_index)):
+        if span is not None and not mask[row, : span[0]].any():
+            span = None  # nothing to answer from: not counted, like a row without an answer
         end = input_ids.shape[1] if span is None else span[0]
         keep = mask[row, :end].bool()
         prompts.append(input_ids[row, :end][keep])
@@ -212,9 +217,14 @@ def _hf_generate(
         num_beams=1,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
+        min_length=0,
+        min_new_tokens=0,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
         eos_token_id=list(end_ids) or None,
         pad_token_id=pad,
     )
+    _warn_about_constraints(model.generation_config)
     output = model.generate(
         input_ids=prompts.input_ids,
         attention_mask=prompts.attention_mask,
@@ -224,6 +234,27 @@ def _hf_generate(
     )
     sequences = output if isinstance(output, Tensor) else output.sequences
     return sequences[:, prompts.input_ids.shape[1] :]
+
+
+# Generation-config fields that constrain even greedy decoding and that transformers (5.x) fills
+# in from the model's own generation config when the config passed to `generate` leaves them
+# unset: they have no neutral value to pass instead.
+_CONSTRAINTS = ("bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id")
+_warned_constraints: set[str] = set()
+
+
+def _warn_about_constraints(generation_config: Any) -> None:
+    found = [name for name in _CONSTRAINTS if getattr(generation_config, name, None) is not None]
+    new = [name for name in found if name not in _warned_constraints]
+    if new:
+        _warned_constraints.update(new)
+        warnings.warn(
+            f"The model's generation config sets {', '.join(new)}, which `generate` applies to "
+            "greedy decoding too: the gen_* metrics judge those constrained answers, and "
+            "free-running exact-match may then differ from teacher-forced exact-match.",
+            category=MllmMetricsWarning,
+            stacklevel=3,
+        )
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -247,6 +278,9 @@ def _prompt_embeddings(
             ids, None, mask, None, None, extra.get("images"), extra.get("image_sizes")
         )
         embeds, mask = prepared[4], prepared[2]
+        if embeds is None:  # LLaVA passes text-only batches (no images) through as ids
+            ids = prepared[0] if prepared[0] is not None else ids
+            embeds = model.get_input_embeddings()(ids)
         mask = (
             torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             if mask is None

@@ -7,6 +7,7 @@ however the samples of each group fall across processes and batches.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +75,11 @@ def group_ids(
                 f"{list(groups)!r}."
             )
     elif isinstance(group, Sequence) and not isinstance(group, str):
+        if any(isinstance(value, int) for value in group):
+            raise TypeError(
+                "Got group positions as a list of ints: pass them as an integer tensor (B,), "
+                "or pass the group names."
+            )
         position = {name: i for i, name in enumerate(groups)}
         unknown = [value for value in group if value not in position]
         if unknown:
@@ -107,8 +113,9 @@ class GroupedMetric(_SumStates):
     As output of ``compute`` the metric returns a dict of float scalar tensors: one per group
     name, and ``"macro"``.
 
-    States: the wrapped metric's two state names with ``_per_group`` appended (e.g.
-    ``bit_match_correct_per_group``), each of shape ``(num_groups,)``, summed across processes.
+    States: the wrapped metric's two state names with ``_per_group_`` and a checksum of the group
+    names appended (e.g. ``bit_match_correct_per_group_1f2e3d4c``), each of shape
+    ``(num_groups,)``, summed across processes; :attr:`sums` reads them.
 
     Args:
         metric: the metric to compute per group (its ``ignore_index``, ``zero_division`` and
@@ -142,11 +149,20 @@ class GroupedMetric(_SumStates):
         # Kept out of the module tree: only its rules and arguments are used, never its states.
         self._metric = (metric,)
         size = len(self.groups)
-        self._numerator_state = f"{metric._numerator_state}_per_group"
-        self._denominator_state = f"{metric._denominator_state}_per_group"
+        # The group names are part of the state names: a MetricCollection merges metrics whose
+        # states have the same names and values into one compute group, which must never happen
+        # to two groupings of different groups (or of the same groups in another order).
+        names = zlib.crc32("\x1f".join(self.groups).encode())
+        self._numerator_state = f"{metric._numerator_state}_per_group_{names:08x}"
+        self._denominator_state = f"{metric._denominator_state}_per_group_{names:08x}"
         numerator = torch.zeros(size, dtype=metric._numerator_dtype)
         self.add_state(self._numerator_state, numerator, dist_reduce_fx="sum")
         self.add_state(self._denominator_state, torch.zeros(size, dtype=torch.long), "sum")
+
+    @property
+    def sums(self) -> tuple[Tensor, Tensor]:
+        """The two sum states, numerator and denominator, one slot per group."""
+        return getattr(self, self._numerator_state), getattr(self, self._denominator_state)
 
     @property
     def metric(self) -> _TokenCountRatio:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -207,6 +208,8 @@ class MultimodalLMModule(pl.LightningModule):
         self._generating: dict[str, bool] = {}
         self._validations = 0
         self._warned_short = False
+        self._warned_no_end = False
+        self._written: set[Path] = set()
         if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
@@ -407,6 +410,12 @@ class MultimodalLMModule(pl.LightningModule):
                 self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches
             )
             total = counts[dataloader_idx] if dataloader_idx < len(counts) else 0
+            if not math.isfinite(total):
+                raise ValueError(
+                    f"`limit_generate_batches={limit}` is a share of the batches, but {stage} "
+                    f"dataloader {dataloader_idx} has no length (an IterableDataset): pass a "
+                    "number of batches (an int) instead."
+                )
             limit = int(limit * total)
         return batch_idx < limit
 
@@ -434,6 +443,7 @@ class MultimodalLMModule(pl.LightningModule):
         generated = [answers[kept[i]] for i in counted]
         references = [prompts.references[kept[i]] for i in counted]
         self._warn_if_too_short(references)
+        self._warn_if_no_end(references, end_ids)
         collection = metrics["generated"]
         collection["gen_bit_match"].update(generated, references)
         collection["gen_exact_match"].update(generated, references)
@@ -459,6 +469,19 @@ class MultimodalLMModule(pl.LightningModule):
                 category=MllmMetricsWarning,
                 stacklevel=2,
             )
+
+    def _warn_if_no_end(self, references: list[list[int]], end_ids: list[int]) -> None:
+        if self._warned_no_end or all(ref and ref[-1] in end_ids for ref in references):
+            return
+        self._warned_no_end = True
+        warnings.warn(
+            f"A reference answer does not end with an end-of-sequence token {end_ids}: a "
+            "generated answer ends only at one (or after `generate_max_new_tokens`), so such "
+            "rows can match only if the model stops there by chance. Supervise the end token in "
+            "the labels (as Hugging Face's data collators do), or pass `eos_token_id=`.",
+            category=MllmMetricsWarning,
+            stacklevel=2,
+        )
 
     def _lockstep(self) -> bool:
         """Whether every process must run the same decoding steps: a sharded model's forward
@@ -543,7 +566,16 @@ class MultimodalLMModule(pl.LightningModule):
             name = records_file_name(
                 stage, self.trainer.global_step, dataloader_idx if count > 1 else None
             )
-            records.write(self.records_dir / name)
+            path = self.records_dir / name
+            if path in self._written and self.trainer.is_global_zero:
+                warnings.warn(
+                    f"{path} was written by an earlier evaluation at the same global step (e.g. "
+                    "`trainer.validate` after `fit`): it is overwritten with this one's records.",
+                    category=MllmMetricsWarning,
+                    stacklevel=2,
+                )
+            self._written.add(path)
+            records.write(path)
 
     def _checked_labels(
         self,
