@@ -39,6 +39,8 @@ from mllm_metrics.labels import aligned_forward  # noqa: E402
 
 # A run of a few steps: enough for the weights to move and the metrics to change.
 SHORT = ["--max-steps", "6", "--val-every", "3", "--no-progress-bar"]
+# A short run (seconds) whose answers go from all wrong to mostly right: 4 bits, one per patch.
+FAST_LEARNER = {"bits": 4, "patch_cells": 1, "max_steps": 150, "val_every": 50, "val_size": 64}
 
 
 def _cell_means(image: torch.Tensor, side: int, cell: int) -> list[float]:
@@ -200,15 +202,29 @@ def test_forward_expands_each_placeholder_into_one_position_per_patch(patch_cell
 # ---- the command line -----------------------------------------------------------------------
 
 
+# Rows whose free-running exact-match may differ from the teacher-forced one in a validation: an
+# argmax near-tie can break differently in the cached decoding loop than in the full forward.
+MAX_NEAR_TIES = 2
+
+
 def _check_records_against_history(
-    records: dict[str, list[dict]], rows: list[dict[str, str]], stage: str, val_size: int
-) -> None:
-    """Each validation's records file: one line per sample, whose sums give the logged values."""
+    records: dict[str, list[dict]],
+    rows: list[dict[str, str]],
+    stage: str,
+    val_size: int,
+    bits: int = 16,
+) -> int:
+    """Each validation's records file: one line per sample, whose sums give the logged values.
+
+    Returns the number of samples, over all the files, whose free-running ``gen_exact`` differs
+    from the teacher-forced ``exact`` (each row has one answer: both agree up to near-ties).
+    """
     assert list(records) == [f"{stage}_step{int(float(row['step'])):07d}.jsonl" for row in rows]
+    mismatches = 0
     for lines, row in zip(records.values(), rows, strict=True):
         assert [line["index"] for line in lines] == list(range(val_size))
         supervised = sum(line["supervised_tokens"] for line in lines)
-        assert supervised == 17 * val_size  # 16 bits and </s> per answer
+        assert supervised == (bits + 1) * val_size  # the bits and </s> per answer
         correct = sum(line["correct_tokens"] for line in lines)
         assert correct / supervised == pytest.approx(float(row["val/bit_match"]), rel=1e-6)
         exact = sum(line["exact"] is True for line in lines) / val_size
@@ -216,12 +232,35 @@ def _check_records_against_history(
         nll = sum(line["nll"] for line in lines) / supervised
         assert nll == pytest.approx(float(row["val/loss"]), rel=1e-5)
         for line in lines:
-            assert 0 <= line["correct_tokens"] <= line["supervised_tokens"] == 17
-            assert line["exact"] == (line["correct_tokens"] == 17)
+            assert 0 <= line["correct_tokens"] <= line["supervised_tokens"] == bits + 1
+            assert line["exact"] == (line["correct_tokens"] == bits + 1)
             # The decoded answer (</s> is a special token, skipped).
-            assert len(line["reference"]) == 16 and set(line["reference"]) <= {"0", "1"}
+            assert len(line["reference"]) == bits and set(line["reference"]) <= {"0", "1"}
             if line["exact"]:
                 assert line["prediction"] == line["reference"]
+        mismatches += _check_free_running(lines, row, val_size)
+    return mismatches
+
+
+def _check_free_running(lines: list[dict], row: dict[str, str], val_size: int) -> int:
+    """The records' ``gen_exact`` and ``generated`` against the logged ``val/gen_*`` values."""
+    gen_exact_match = float(row["val/gen_exact_match"])
+    if math.isnan(gen_exact_match):  # nothing generated: no free-running record fields
+        assert math.isnan(float(row["val/gen_bit_match"]))
+        assert all("gen_exact" not in line and "generated" not in line for line in lines)
+        return 0
+    assert 0.0 <= float(row["val/gen_bit_match"]) <= 1.0
+    hits = sum(line["gen_exact"] is True for line in lines)
+    assert hits / val_size == pytest.approx(gen_exact_match, abs=1e-7)
+    for line in lines:
+        assert isinstance(line["gen_exact"], bool) and isinstance(line["generated"], str)
+        if line["gen_exact"]:
+            assert line["generated"] == line["reference"]
+    mismatches = sum(line["gen_exact"] != line["exact"] for line in lines)
+    assert mismatches <= MAX_NEAR_TIES, f"step {row['step']}: {mismatches} rows"
+    exact_match = float(row["val/exact_match"])
+    assert abs(gen_exact_match - exact_match) <= MAX_NEAR_TIES / val_size + 1e-7
+    return mismatches
 
 
 def test_short_run_writes_csv_table_png_and_records(tmp_path, capsys):
@@ -234,10 +273,15 @@ def test_short_run_writes_csv_table_png_and_records(tmp_path, capsys):
     assert last == f"Records: 3 files; read them with mllm-metrics report {out / 'records'}"
     columns, rows = _read_csv(out / "metrics.csv")
     assert columns == ["step", *METRIC_KEYS]
+    assert {"val/gen_bit_match", "val/gen_exact_match"} <= set(columns)  # free-running twins
     assert [int(row["step"]) for row in rows] == [0, 3, 6]
     for row in rows:
         for key in METRIC_KEYS[1:]:
             assert 0.0 <= float(row[key]) <= 1.0
+        assert row["val/gen_exact_match"] == row["val/exact_match"]  # one answer per row
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].endswith("| val/gen_bit_match | val/gen_exact_match |")
+    assert "free-running: bit-match" in printed  # the final line gives both kinds
     assert float(rows[-1]["val/loss"]) < float(rows[0]["val/loss"])  # it trained
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "table.md").read_text().startswith("| step | val/loss |")
@@ -268,6 +312,56 @@ def test_last_step_is_validated_when_not_a_multiple(tmp_path):
         "val_step0000003.jsonl",
         "val_step0000005.jsonl",
     ]
+
+
+def test_table_shows_a_missing_value_as_a_dash():
+    from mllm_metrics.demo.cli import format_table
+
+    row = {"step": 5.0, **{key: 0.5 for key in METRIC_KEYS}, "val/gen_bit_match": math.nan}
+    del row["val/gen_exact_match"]
+    header, rule, line = format_table([row]).splitlines()
+    assert header == "| step | " + " | ".join(METRIC_KEYS) + " |"
+    assert line == "| 5 | " + " | ".join(["0.500"] * (len(METRIC_KEYS) - 2) + ["-", "-"]) + " |"
+
+
+def test_generation_off_leaves_the_free_running_columns_empty(tmp_path):
+    result = run_demo(
+        out=tmp_path,
+        max_steps=1,
+        val_every=1,
+        val_size=8,
+        generate_max_new_tokens=0,
+        progress_bar=False,
+        verbose=False,
+    )
+    for row in result.history:
+        assert math.isnan(row["val/gen_bit_match"]) and math.isnan(row["val/gen_exact_match"])
+        assert 0.0 <= row["val/bit_match"] <= 1.0
+    assert all(line.endswith("| - | - |") for line in result.table.splitlines()[2:])
+    for lines in _read_records(result.records_dir).values():
+        assert all("gen_exact" not in line for line in lines)
+
+
+def test_free_running_exact_match_is_the_teacher_forced_one_row_by_row(tmp_path):
+    # Greedy decoding reproduces a one-answer row whole exactly when every answer token is the
+    # argmax given the true prefix: gen_exact_match = exact_match, and gen_exact = exact for
+    # each sample (up to argmax near-ties), while answers go from all wrong to mostly right.
+    result = run_demo(out=tmp_path, **FAST_LEARNER, progress_bar=False, verbose=False)
+    rows = [{key: str(value) for key, value in row.items()} for row in result.history]
+    records = _read_records(result.records_dir)
+    mismatches = _check_records_against_history(
+        records, rows, "val", FAST_LEARNER["val_size"], bits=FAST_LEARNER["bits"]
+    )
+    assert mismatches <= MAX_NEAR_TIES
+    exact = [row["val/exact_match"] for row in result.history]
+    assert exact[0] == 0.0 and any(0.3 < value < 1.0 for value in exact), exact  # not only 0 == 0
+    for row in result.history:
+        assert row["val/gen_exact_match"] == pytest.approx(row["val/exact_match"], abs=0.02)
+        assert 0.0 <= row["val/gen_bit_match"] <= 1.0
+    # A free-running answer is the model's own: some differ from the teacher-forced argmax.
+    assert any(
+        line["generated"] != line["prediction"] for lines in records.values() for line in lines
+    )
 
 
 def test_cli_usage_and_errors(capsys):
@@ -314,10 +408,19 @@ def test_trainer_backend_gives_the_lightning_numbers(tmp_path):
     # Same rows, micro-batches, optimizer and schedule; the two frameworks scale the loss in
     # different (equivalent) ways, so the weights may differ in the last bits: a token whose
     # argmax is a near tie could flip. Misaligned labels would change everything.
+    free_running = ("val/gen_bit_match", "val/gen_exact_match")
     for hf_row, pl_row in zip(hf.history, lightning.history, strict=True):
         assert hf_row["val/loss"] == pytest.approx(pl_row["val/loss"], rel=1e-4)
         for key in METRIC_KEYS[1:]:
-            assert hf_row[key] == pytest.approx(pl_row[key], abs=0.005), key
+            if key in free_running:  # the Trainer does not generate; the Lightning module does
+                assert math.isnan(hf_row[key]) and 0.0 <= pl_row[key] <= 1.0, key
+            else:
+                assert hf_row[key] == pytest.approx(pl_row[key], abs=0.005), key
+    # Its table shows what it did not compute as "-", its CSV as nan.
+    for line in hf.table.splitlines()[2:]:
+        assert line.endswith("| - | - |") and "nan" not in line
+    _, csv_rows = _read_csv(hf.csv_path)
+    assert all(row[key] == "nan" for row in csv_rows for key in free_running)
     # The Trainer writes the records too: no groups (its batches go to the model whole).
     hf_records = _read_records(hf.records_dir)
     columns = [{key: str(value) for key, value in row.items()} for row in hf.history]
@@ -407,6 +510,15 @@ def _default_run_history() -> list[dict[str, float]]:
     return [dict(zip(["step", *METRIC_KEYS], map(float, row), strict=True)) for row in rows]
 
 
+def _hides(first, second) -> bool:
+    """Whether ``second``, drawn after ``first`` on nearly the same values, hides it: the same
+    marker, or a filled one at least as large."""
+    if first.get_marker() == second.get_marker():
+        return True
+    hollow = str(second.get_markerfacecolor()) == "none"
+    return not hollow and second.get_markersize() >= first.get_markersize()
+
+
 def test_plot_shows_every_series_readably(tmp_path):
     import matplotlib.image
     from matplotlib.text import Text
@@ -414,27 +526,57 @@ def test_plot_shows_every_series_readably(tmp_path):
     from mllm_metrics.demo.cli import plot_history
 
     history = _default_run_history()
-    # Here the text exact-match equals the exact-match at every step.
-    assert [r["val/text_exact_match"] for r in history] == [r["val/exact_match"] for r in history]
+    exact = [r["val/exact_match"] for r in history]
+    # Here the text and the free-running exact-match equal the exact-match at every step, and
+    # the free-running bit-match is below the teacher-forced one while the model errs.
+    assert [r["val/text_exact_match"] for r in history] == exact
+    assert [r["val/gen_exact_match"] for r in history] == exact
+    assert history[0]["val/gen_bit_match"] < history[0]["val/bit_match"] - 0.1
     fig = plot_history(history, tmp_path / "plot.png", title="demo")
     drawn = {}
     for ax in fig.axes:
-        curves = [(line.get_label(), list(line.get_ydata())) for line in ax.get_lines()]
-        for i, (label, values) in enumerate(curves):
-            drawn[label] = values
-            for other, other_values in curves[i + 1 :]:  # no curve hides another
-                gap = max(abs(a - b) for a, b in zip(values, other_values, strict=True))
-                assert gap > 0.05, f"{label} and {other} coincide in one panel"
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        for i, line in enumerate(lines):
+            values = list(line.get_ydata())
+            drawn[line.get_label()] = values
+            for later in lines[i + 1 :]:  # no curve hides another
+                gap = max(abs(a - b) for a, b in zip(values, later.get_ydata(), strict=True))
+                assert gap > 0.05 or not _hides(line, later), (line.get_label(), later.get_label())
+        # Each panel names its curves.
+        legend = ax.get_legend()
+        if lines and legend is not None:
+            assert [t.get_text() for t in legend.get_texts()] == [x.get_label() for x in lines]
     for key in METRIC_KEYS[1:]:
         assert drawn[key] == [row[key] for row in history], key
+    for key in ("bit_match", "exact_match"):
+        gap = drawn[f"val/gen_{key} − val/{key}"]
+        expected = [row[f"val/gen_{key}"] - row[f"val/{key}"] for row in history]
+        assert gap == pytest.approx(expected)
     assert any(values == [row["val/loss"] for row in history] for values in drawn.values())
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     assert min(t.get_fontsize() for t in texts) >= 10  # legible in a README
-    # The picture says that the text twin coincides with the token metric.
-    assert any("text_exact_match = exact_match" in t.get_text() for t in texts)
+    # The picture says which twins coincide and which lags.
+    said = "\n".join(t.get_text() for t in texts)
+    assert "text_exact_match = exact_match" in said
+    assert "free-running gen_exact_match = exact_match at all 21 validations" in said
+    assert "free-running gen_bit_match vs bit_match: below at 7 of 21 validations" in said
     height, width = matplotlib.image.imread(tmp_path / "plot.png").shape[:2]
     fig_width, fig_height = fig.get_size_inches()
     assert (width, height) == (round(fig_width * 150), round(fig_height * 150))  # 150 dpi
+
+
+def test_plot_of_a_run_without_free_running_values(tmp_path):
+    from mllm_metrics.demo.cli import plot_history
+
+    history = [
+        {**row, "val/gen_bit_match": math.nan, "val/gen_exact_match": math.nan}
+        for row in _default_run_history()
+    ]
+    fig = plot_history(history, tmp_path / "plot.png")
+    said = "\n".join(
+        text.get_text() for text in fig.texts + [t for ax in fig.axes for t in ax.texts]
+    )
+    assert "no free-running values" in said and "free-running gen_" not in said
 
 
 def test_without_matplotlib_the_demo_finishes_without_the_picture(tmp_path):

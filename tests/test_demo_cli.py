@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mllm_metrics
 
 DEMO = Path(mllm_metrics.__file__).resolve().parent / "demo"
@@ -54,6 +56,7 @@ def test_help_needs_neither_transformers_nor_lightning():
     demo = _python(MAIN.format(argv=["demo", "--help"]), *FRAMEWORKS)
     assert demo.returncode == 0, demo.stderr
     assert "--max-steps" in demo.stdout and "--backend" in demo.stdout
+    assert "--generate-max-new-tokens" in demo.stdout
     assert "Traceback" not in top.stderr + demo.stderr
 
 
@@ -137,3 +140,30 @@ def test_demo_modules_import_each_other_one_way():
             visit(name, [])
     for backend in ("lightning_backend", "hf_backend"):
         assert {"cli", "runner"}.isdisjoint(graph[backend]), graph[backend]
+
+
+def test_generation_option_and_its_default():
+    from mllm_metrics.demo.cli import DemoConfig, _parser
+
+    parse = _parser("mllm-metrics demo").parse_args
+    assert parse([]).generate_max_new_tokens is None  # auto: bits + 4
+    assert parse(["--generate-max-new-tokens", "auto"]).generate_max_new_tokens is None
+    assert parse(["--generate-max-new-tokens", "0"]).generate_max_new_tokens == 0
+    assert parse(["--generate-max-new-tokens", "12"]).generate_max_new_tokens == 12
+    # The answer (bits and </s>) fits, with room for extra tokens; 0 turns generation off.
+    assert DemoConfig().max_new_tokens == 20
+    assert DemoConfig(bits=9, generate_max_new_tokens=None).max_new_tokens == 13
+    assert DemoConfig(generate_max_new_tokens=12).max_new_tokens == 12
+    assert DemoConfig(generate_max_new_tokens=0).max_new_tokens is None
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="generate_max_new_tokens"):
+            DemoConfig(generate_max_new_tokens=bad)
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5"])
+def test_generation_option_rejects_what_is_not_a_budget(value, capsys):
+    from mllm_metrics.demo.cli import _parser
+
+    with pytest.raises(SystemExit):
+        _parser("mllm-metrics demo").parse_args(["--generate-max-new-tokens", value])
+    assert "--generate-max-new-tokens" in capsys.readouterr().err

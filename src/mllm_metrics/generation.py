@@ -2,8 +2,9 @@
 
 Teacher-forced bit-match and exact-match predict every position from the *true* previous
 tokens. What a fine-tuned model finally ships is its own greedy answer, where one early mistake
-derails the rest. For a row with one answer span and greedy decoding with enough new tokens,
-free-running exact-match *equals* teacher-forced exact-match: if every answer token is the
+derails the rest. For a row with one answer span that ends with the end-of-sequence token, and
+greedy decoding with enough new tokens, free-running exact-match *equals* teacher-forced
+exact-match: if every answer token is the
 argmax given the true prefix, greedy decoding reproduces the answer (and its end token), and
 the first token that is not the argmax is also the first token greedy decoding gets wrong. What
 generation adds is the answers themselves, partial credit after a derailment (free-running

@@ -3,7 +3,10 @@
 The whole story in one command: a model whose ``forward`` rewrites its labels (each image
 placeholder becomes one feature position per patch of cells), trained on the synthetic task of
 :mod:`mllm_metrics.demo.data` and validated with this library's metrics every few steps.
-Token bit-match climbs long before whole answers are right: exact-match lags behind it.
+Token bit-match climbs long before whole answers are right: exact-match lags behind it. Each
+validation also decodes every answer greedily from its prompt and scores it: the free-running
+``val/gen_exact_match`` equals exact-match (one answer per row), ``val/gen_bit_match`` lags
+bit-match while the model errs (``--generate-max-new-tokens 0`` turns this off).
 
 Run ``mllm-metrics demo --help`` (or ``python -m mllm_metrics.demo --help``). The results go
 to ``--out``: ``metrics.csv`` (one row per validation), ``metrics.png`` (the curves),
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from mllm_metrics.demo.config import (
     BACKENDS,
     DEMO_EXTRA,
+    GENERATION_SLACK,
     METRIC_KEYS,
     DemoConfig,
     DemoResult,
@@ -118,8 +122,30 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     arg("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate")
     arg("--devices", type=int, default=defaults.devices, help="CPU processes (>1: DDP)")
     arg("--backend", choices=BACKENDS, default=defaults.backend, help="training framework")
+    arg(
+        "--generate-max-new-tokens",
+        type=_max_new_tokens,
+        default="auto",
+        metavar="N",
+        help="also decode each validation answer greedily (free-running val/gen_bit_match and "
+        "val/gen_exact_match) for at most N tokens; auto: --bits + "
+        f"{GENERATION_SLACK}, 0: off; lightning back-end only (hf: nan)",
+    )
     arg("--no-progress-bar", action="store_true", help="hide the progress bar")
     return parser
+
+
+def _max_new_tokens(text: str) -> int | None:
+    """``--generate-max-new-tokens``: ``auto`` (None: ``bits + 4``) or an int >= 0."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or an int >= 0 (0: off), got {text!r}")
+    return value
 
 
 def demo_main(argv: Sequence[str] | None = None, prog: str = "python -m mllm_metrics.demo") -> int:
@@ -147,6 +173,7 @@ def demo_main(argv: Sequence[str] | None = None, prog: str = "python -m mllm_met
             learning_rate=args.lr,
             devices=args.devices,
             backend=args.backend,
+            generate_max_new_tokens=args.generate_max_new_tokens,
             progress_bar=not args.no_progress_bar,
         )
     except ValueError as error:

@@ -16,6 +16,7 @@ __all__ = [
     "BACKENDS",
     "CSV_NAME",
     "DEMO_EXTRA",
+    "GENERATION_SLACK",
     "METRIC_KEYS",
     "PNG_NAME",
     "RECORDS_NAME",
@@ -25,14 +26,20 @@ __all__ = [
     "missing_dependencies",
 ]
 
-#: The columns of ``metrics.csv`` after ``step``, and the curves of the PNG.
+#: The columns of ``metrics.csv`` after ``step``, and the curves of the PNG. The ``gen_*``
+#: columns are the free-running (greedy-decoding) twins of the teacher-forced ``bit_match`` and
+#: ``exact_match``: nan where nothing was generated (``--backend hf``, or generation off).
 METRIC_KEYS: tuple[str, ...] = (
     "val/loss",
     "val/bit_match",
     "val/exact_match",
     "val/text_bit_match",
     "val/text_exact_match",
+    "val/gen_bit_match",
+    "val/gen_exact_match",
 )
+#: How many tokens past the answer (``bits`` and ``</s>``) the default generation budget allows.
+GENERATION_SLACK = 4
 CSV_NAME, PNG_NAME, TABLE_NAME = "metrics.csv", "metrics.png", "table.md"
 #: The directory, in ``out``, of the per-sample records of every validation.
 RECORDS_NAME = "records"
@@ -105,6 +112,14 @@ class DemoConfig:
         devices: CPU processes; more than 1 runs Lightning's ``ddp`` strategy.
         backend: ``"lightning"`` (:class:`~mllm_metrics.lightning.MultimodalLMModule`) or
             ``"hf"`` (``transformers.Trainer`` with :class:`~mllm_metrics.hf.StreamingMetrics`).
+        generate_max_new_tokens: with ``--backend lightning``, each validation also decodes
+            greedily from every row's prompt (``<s><image> bits:``) for at most this many tokens
+            and logs the free-running ``val/gen_bit_match`` and ``val/gen_exact_match`` next to
+            the teacher-forced values; the records gain ``gen_exact`` and ``generated``. None
+            (default): ``bits + 4``, the answer and its ``</s>`` with room for extra tokens
+            (see :attr:`max_new_tokens`); 0: no generation. ``--backend hf`` never generates
+            (``transformers.Trainer`` scores teacher-forced logits only): its ``gen_*`` columns
+            are nan.
         progress_bar: show one progress bar of the optimizer steps, with the latest
             validation's bit-match and exact-match.
         verbose: print the batch description, the table and the paths.
@@ -127,6 +142,7 @@ class DemoConfig:
     num_heads: int = 4
     devices: int = 1
     backend: str = "lightning"
+    generate_max_new_tokens: int | None = None
     progress_bar: bool = True
     verbose: bool = True
 
@@ -151,11 +167,33 @@ class DemoConfig:
             raise ValueError(
                 f"`--backend hf` runs in one process (`devices` = 1), got devices={self.devices}."
             )
+        tokens = self.generate_max_new_tokens
+        if tokens is not None and (
+            not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0
+        ):
+            raise ValueError(
+                "`generate_max_new_tokens` must be None (bits + 4), 0 (no generation) or a "
+                f"positive int, got {tokens!r}."
+            )
         if self.noise < 0 or self.learning_rate <= 0:
             raise ValueError(
                 f"`noise` must be >= 0 and `learning_rate` > 0, got {self.noise} and "
                 f"{self.learning_rate}."
             )
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The generation budget the Lightning back-end uses: None when it does not generate.
+
+        Example:
+            >>> DemoConfig().max_new_tokens, DemoConfig(bits=9).max_new_tokens
+            (20, 13)
+            >>> DemoConfig(generate_max_new_tokens=0).max_new_tokens is None
+            True
+        """
+        if self.generate_max_new_tokens is None:
+            return self.bits + GENERATION_SLACK
+        return self.generate_max_new_tokens or None
 
     @property
     def records_dir(self) -> Path:

@@ -7,13 +7,15 @@ passed as ``compute_metrics=`` with its ``preprocess_logits`` as
 the demo's tokenizer, it decodes the gathered token ids for the text metrics (so they report
 what the Lightning module reports) and writes each evaluation's per-sample records to
 ``out/records`` (without groups: the Trainer passes the whole batch to the model's
-``forward``). The Trainer's own progress bars and printed log dictionaries give way to the
-demo's one bar of optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
+``forward``). The Trainer does not generate: the free-running ``val/gen_*`` columns are nan.
+The Trainer's own progress bars and printed log dictionaries give way to the demo's one bar
+of optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from mllm_metrics.demo.config import METRIC_KEYS
 from mllm_metrics.demo.data import BitImageCollator, StepSampler
 from mllm_metrics.demo.progress import StepBar
 
@@ -109,7 +112,9 @@ def train_hf(
 
     Returns:
         One dict per validation: ``step`` and the demo's columns (``val/loss`` is
-        ``eval_nll``, the token-weighted NLL of the processed labels).
+        ``eval_nll``, the token-weighted NLL of the processed labels; the free-running
+        ``val/gen_*`` are nan: ``transformers.Trainer`` scores teacher-forced logits only, and
+        ``config.generate_max_new_tokens`` is not used).
     """
     from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
@@ -173,6 +178,7 @@ def train_hf(
     for entry in trainer.state.log_history:
         if "eval_bit_match" in entry:
             row = {"step": float(entry["step"])}
+            row.update({key: math.nan for key in METRIC_KEYS})  # the gen_* ones stay nan
             row.update({column: float(entry[key]) for key, column in _COLUMNS.items()})
             history[int(entry["step"])] = row
     return [history[step] for step in sorted(history)]

@@ -5,7 +5,10 @@ The module is used as it is; the demo only gives it a cosine learning-rate sched
 steps settle instead of jittering, and so that ``--backend hf`` trains the very same way. The
 validation batches carry each row's group (:data:`~mllm_metrics.demo.data.GROUPS`), so the
 module also logs the per-group values and writes each validation's per-sample records, with
-their group, to ``out/records``.
+their group, to ``out/records``. Unless ``generate_max_new_tokens`` is 0, each validation also
+decodes every row's answer greedily (free-running, next to teacher forcing): the module logs
+``val/gen_bit_match`` and ``val/gen_exact_match`` and the records gain ``gen_exact`` and
+``generated``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader
 from mllm_metrics.demo.config import METRIC_KEYS
 from mllm_metrics.demo.data import GROUPS, BitImageCollator, StepSampler
 from mllm_metrics.demo.progress import SHOWN_KEYS, StepBar
+from mllm_metrics.generation import end_of_sequence_ids
 from mllm_metrics.lightning import MultimodalLMModule
 
 if TYPE_CHECKING:
@@ -111,7 +115,8 @@ class History(pl.Callback):
     """Collects one row per validation from the values Lightning logged (synced over ranks).
 
     Attributes:
-        rows: ``{"step": global step, key: value...}`` for each validation, in order.
+        rows: ``{"step": global step, key: value...}`` for each validation, in order; nan for a
+            key the validation did not log.
     """
 
     def __init__(self, keys: tuple[str, ...]) -> None:
@@ -124,7 +129,8 @@ class History(pl.Callback):
             return
         values = trainer.callback_metrics
         row = {"step": float(trainer.global_step)}
-        row.update({key: float(values[key]) for key in self.keys if key in values})
+        # nan for a key this validation did not log (the gen_* ones without generation).
+        row.update({key: float(values[key]) if key in values else math.nan for key in self.keys})
         self.rows.append(row)
 
 
@@ -212,7 +218,10 @@ def train_lightning(
     DDP's gradient all-reduce does the sum. :class:`StepSampler` puts the same rows in the
     micro-batches either way, and :class:`~mllm_metrics.lightning.MultimodalLMModule`'s
     metrics are exact under DDP. Each validation also writes its per-sample records, with
-    their groups, to ``config.records_dir`` (the same files with one process or several).
+    their groups, to ``config.records_dir`` (the same files with one process or several), and,
+    unless ``config.max_new_tokens`` is None, decodes the answers greedily for the
+    free-running ``val/gen_*`` values (the answers end at the model's end-of-sequence id, or
+    the tokenizer's ``</s>`` when the model's config gives none).
 
     Args:
         config: the demo configuration.
@@ -234,6 +243,8 @@ def train_lightning(
         group_key=GROUP_KEY,
         groups=GROUPS,
         records_dir=config.records_dir,
+        generate_max_new_tokens=config.max_new_tokens,
+        eos_token_id=_end_of_answer(model, tokenizer),
     )
     history = History(METRIC_KEYS)
     # Lightning's start-up notes (GPU/TPU available, tips) say nothing about the demo.
@@ -250,6 +261,12 @@ def train_lightning(
     finally:
         lightning_logger.setLevel(level)
     return history.rows
+
+
+def _end_of_answer(model: nn.Module, tokenizer: Any) -> int | None:
+    """None (the model's own end-of-sequence id) when its config gives one, else the
+    tokenizer's ``</s>``."""
+    return None if end_of_sequence_ids(model, None) else tokenizer.eos_token_id
 
 
 def _trainer(config: DemoConfig, history: History, epochs: int) -> pl.Trainer:

@@ -180,62 +180,131 @@ def describe_batch(
 def format_table(history: Sequence[Mapping[str, float]]) -> str:
     """Format the validation history as a Markdown table (one row per validation).
 
+    A value that is missing or nan (the ``gen_*`` columns of a run that does not generate,
+    e.g. ``--backend hf``) shows as ``-``.
+
     Example:
         >>> row = {"step": 0, "val/loss": 3.51, "val/bit_match": 0.1, "val/exact_match": 0.0}
-        >>> print(format_table([row]).replace("val/text_", "text_"))  # (shortened here)
-        | step | val/loss | val/bit_match | val/exact_match | text_bit_match | text_exact_match |
-        |---:|---:|---:|---:|---:|---:|
-        | 0 | 3.510 | 0.100 | 0.000 | nan | nan |
+        >>> header, rule, first = format_table([row]).splitlines()
+        >>> header.startswith("| step | val/loss | val/bit_match | val/exact_match |")
+        True
+        >>> print(first)  # the text_* and gen_* values are missing here
+        | 0 | 3.510 | 0.100 | 0.000 | - | - | - | - |
     """
     header = "| step | " + " | ".join(METRIC_KEYS) + " |"
     rule = "|" + "---:|" * (len(METRIC_KEYS) + 1)
     rows = [
         f"| {int(row['step'])} | "
-        + " | ".join(f"{row.get(key, math.nan):.3f}" for key in METRIC_KEYS)
+        + " | ".join(_table_cell(row.get(key)) for key in METRIC_KEYS)
         + " |"
         for row in history
     ]
     return "\n".join([header, rule, *rows])
 
 
+def _table_cell(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def write_csv(history: Sequence[Mapping[str, float]], path: Path) -> Path:
-    """Write the history to ``path`` with the columns ``step`` and :data:`METRIC_KEYS`."""
+    """Write the history to ``path`` with the columns ``step`` and :data:`METRIC_KEYS`.
+
+    A missing value is written as ``nan`` (``float()`` reads it back).
+    """
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", *METRIC_KEYS], extrasaction="ignore")
         writer.writeheader()
         for row in history:
-            writer.writerow({"step": int(row["step"]), **{k: row.get(k) for k in METRIC_KEYS}})
+            values = {key: row.get(key, math.nan) for key in METRIC_KEYS}
+            writer.writerow({"step": int(row["step"]), **values})
     return path
 
 
-# Token metrics and their decoded-text twins: the same colour, the twin dashed.
+# Each teacher-forced token metric, its colour, and its twins: the free-running (greedy-decoding)
+# value and the decoded-text value.
 _TWINS = (
-    ("val/bit_match", "val/text_bit_match", "tab:blue"),
-    ("val/exact_match", "val/text_exact_match", "tab:red"),
+    ("val/bit_match", "tab:blue", "val/gen_bit_match", "val/text_bit_match"),
+    ("val/exact_match", "tab:red", "val/gen_exact_match", "val/text_exact_match"),
 )
+# Teacher-forced: solid with dots; free-running: dashed with hollow squares (large enough to
+# show the dots inside where both coincide); decoded text: dotted with crosses.
+_STYLE = {
+    "teacher": {"ls": "-", "marker": "o", "lw": 2, "ms": 4},
+    "free": {"ls": "--", "marker": "s", "lw": 1.8, "ms": 7, "mfc": "none", "mew": 1.5},
+    "text": {"ls": ":", "marker": "x", "lw": 2, "ms": 5},
+}
+# The differences: hollow squares for bit-match, small diamonds (drawn inside) for exact-match.
+_GAP_STYLE = {
+    "val/bit_match": _STYLE["free"],
+    "val/exact_match": {"ls": "--", "marker": "D", "lw": 1.8, "ms": 4},
+}
 # Font sizes (points) that stay legible when the 150-dpi PNG is shown in a README.
-_FONT = {"title": 13, "label": 12, "tick": 11, "legend": 11, "note": 11, "suptitle": 14}
+_FONT = {"title": 13, "label": 12, "tick": 11, "legend": 10, "note": 11, "suptitle": 14}
+
+
+def _values(history: Sequence[Mapping[str, float]], key: str) -> list[float]:
+    return [float(row.get(key, math.nan)) for row in history]
+
+
+def _pairs(
+    history: Sequence[Mapping[str, float]], key: str, twin: str
+) -> list[tuple[float, float]]:
+    """``(value, twin value)`` of the validations that have both."""
+    return [
+        (a, b)
+        for a, b in zip(_values(history, key), _values(history, twin), strict=True)
+        if not (math.isnan(a) or math.isnan(b))
+    ]
+
+
+def _name(key: str) -> str:
+    return key.removeprefix("val/")
 
 
 def _coincidence_note(history: Sequence[Mapping[str, float]]) -> str:
     """Say how far each decoded-text metric is from its token twin (they often coincide)."""
     parts = []
-    for token_key, text_key, _ in _TWINS:
-        pairs = [
-            (row[token_key], row[text_key])
-            for row in history
-            if not math.isnan(row.get(token_key, math.nan))
-            and not math.isnan(row.get(text_key, math.nan))
-        ]
+    for key, _, _, text_key in _TWINS:
+        pairs = _pairs(history, key, text_key)
         if not pairs:
             continue
         gap = max(abs(token - text) for token, text in pairs)
-        text_name, token_name = text_key.removeprefix("val/"), token_key.removeprefix("val/")
         if gap < 5e-4:  # equal to the 3 decimals of the table
-            parts.append(f"{text_name} = {token_name} at all {len(pairs)} validations")
+            parts.append(f"{_name(text_key)} = {_name(key)} at all {len(pairs)} validations")
         else:
-            parts.append(f"{text_name} within {gap:.3f} of {token_name}")
+            parts.append(f"{_name(text_key)} within {gap:.3f} of {_name(key)}")
     return "decoded text vs tokens: " + ", ".join(parts) if parts else ""
+
+
+def _free_running_note(history: Sequence[Mapping[str, float]]) -> str:
+    """Say how the free-running values compare with the teacher-forced ones (one line each)."""
+    lines = []
+    for key, _, gen_key, _ in _TWINS:
+        both = [
+            (row["step"], row[gen_key] - row[key])
+            for row in history
+            if not math.isnan(row.get(key, math.nan) + row.get(gen_key, math.nan))
+        ]
+        if not both:
+            continue
+        steps, gaps = [step for step, _ in both], [gap for _, gap in both]
+        below = [gap for gap in gaps if gap < -1e-9]
+        above = [gap for gap in gaps if gap > 1e-9]
+        if not below and not above:
+            lines.append(f"{_name(gen_key)} = {_name(key)} at all {len(gaps)} validations")
+            continue
+        sides = []
+        if below:
+            worst = min(gaps)
+            at = int(steps[gaps.index(worst)])
+            sides.append(
+                f"below at {len(below)} of {len(gaps)} validations (by up to {-worst:.3f}, at "
+                f"step {at})"
+            )
+        if above:
+            sides.append(f"above at {len(above)} (by at most {max(above):.3f})")
+        lines.append(f"{_name(gen_key)} vs {_name(key)}: " + ", ".join(sides))
+    return "\n".join(f"free-running {line}" for line in lines)
 
 
 def plot_history(
@@ -246,9 +315,13 @@ def plot_history(
 ) -> Any:
     """Draw the validation curves against the step; save a PNG to ``path`` when given.
 
-    Three panels, so that no curve hides another: the token metrics (``val/bit_match``,
-    ``val/exact_match``), their decoded-text twins (often equal to them, which the panel
-    says), and ``val/loss``.
+    Four panels, so that no curve hides another: the teacher-forced token metrics
+    (``val/bit_match``, ``val/exact_match``, solid) with their free-running twins
+    (``val/gen_bit_match``, ``val/gen_exact_match``, dashed, hollow markers: where a twin
+    coincides, its markers ring the solid curve's); the free-running values minus the
+    teacher-forced ones (0: equal); the decoded-text twins; and ``val/loss``. Notes under the
+    panels say how close the twins are. A run without free-running values (``--backend hf``,
+    generation off) leaves the difference panel empty, with a note.
 
     Args:
         history: one dict per validation (``step`` and :data:`METRIC_KEYS`).
@@ -261,45 +334,67 @@ def plot_history(
 
     Example:
         >>> rows = [{"step": 0, "val/loss": 3.5, "val/bit_match": 0.2, "val/exact_match": 0.0,
-        ...          "val/text_bit_match": 0.2, "val/text_exact_match": 0.0}]
-        >>> [ax.get_title() for ax in plot_history(rows).axes]
-        ['token metrics', 'decoded-text metrics', 'val/loss']
+        ...          "val/text_bit_match": 0.2, "val/text_exact_match": 0.0,
+        ...          "val/gen_bit_match": 0.1, "val/gen_exact_match": 0.0}]
+        >>> [ax.get_title() for ax in plot_history(rows).axes]  # doctest: +NORMALIZE_WHITESPACE
+        ['teacher-forced (solid) vs free-running (dashed)', 'free-running minus teacher-forced',
+         'decoded-text metrics', 'val/loss']
     """
     # A bare Figure, not pyplot: no backend is chosen or changed, nothing stays open.
     from matplotlib.figure import Figure
 
     steps = [row["step"] for row in history]
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
-    token_ax, text_ax, loss_ax = fig.subplots(1, 3)
-    for token_key, text_key, color in _TWINS:
-        token = [row.get(token_key, math.nan) for row in history]
-        text = [row.get(text_key, math.nan) for row in history]
-        token_ax.plot(steps, token, "-o", color=color, lw=2, ms=4, label=token_key)
-        text_ax.plot(steps, text, "--x", color=color, lw=2, ms=5, label=text_key)
-    for ax, name in ((token_ax, "token metrics"), (text_ax, "decoded-text metrics")):
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    (token_ax, gap_ax), (text_ax, loss_ax) = fig.subplots(2, 2, sharex=True)
+    for key, color, gen_key, text_key in _TWINS:
+        teacher, free = _values(history, key), _values(history, gen_key)
+        token_ax.plot(steps, teacher, color=color, label=key, **_STYLE["teacher"])
+        token_ax.plot(steps, free, color=color, label=gen_key, **_STYLE["free"])
+        gap = [b - a for a, b in zip(teacher, free, strict=True)]
+        label = f"{gen_key} − {key}"
+        gap_ax.plot(steps, gap, color=color, label=label, **_GAP_STYLE[key])
+        text_ax.plot(
+            steps, _values(history, text_key), color=color, label=text_key, **_STYLE["text"]
+        )
+    for ax, name in (
+        (token_ax, "teacher-forced (solid) vs free-running (dashed)"),
+        (text_ax, "decoded-text metrics"),
+    ):
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("accuracy", fontsize=_FONT["label"])
         ax.set_title(name, fontsize=_FONT["title"])
-    # Under the panels, where it hides no curve, with how close the twins are as its title.
-    legend = fig.legend(
-        handles=[*token_ax.lines, *text_ax.lines],
-        loc="outside lower center",
-        ncols=4,
-        fontsize=_FONT["legend"],
-        title=_coincidence_note(history) or None,
-        title_fontsize=_FONT["note"],
-        frameon=False,
-    )
-    legend.get_title().set_color("0.2")
-    loss_ax.plot(steps, [row.get("val/loss", math.nan) for row in history], "-o", color="k", ms=4)
+    gap_ax.axhline(0.0, color="0.4", lw=1, zorder=0)
+    gap_ax.set_ylabel("difference", fontsize=_FONT["label"])
+    gap_ax.set_title("free-running minus teacher-forced", fontsize=_FONT["title"])
+    if not any(_pairs(history, key, gen_key) for key, _, gen_key, _ in _TWINS):
+        gap_ax.text(
+            0.5,
+            0.5,
+            "no free-running values:\nthis run did not generate",
+            transform=gap_ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=_FONT["note"],
+            color="0.3",
+        )
+    # The curves end near 1 (and the gaps near 0): the lower right corner is free.
+    for ax in (token_ax, gap_ax, text_ax):
+        ax.legend(loc="lower right", fontsize=_FONT["legend"], framealpha=0.9)
+    loss_ax.plot(steps, _values(history, "val/loss"), "-o", color="k", ms=4, label="val/loss")
     loss_ax.set_yscale("log")
     loss_ax.set_ylabel("mean token NLL", fontsize=_FONT["label"])
     loss_ax.set_title("val/loss", fontsize=_FONT["title"])
-    for ax in (token_ax, text_ax, loss_ax):
-        ax.set_xlabel("step", fontsize=_FONT["label"])
+    for ax in (token_ax, gap_ax, text_ax, loss_ax):
         ax.tick_params(labelsize=_FONT["tick"])
         ax.tick_params(which="minor", labelsize=_FONT["tick"])
         ax.grid(alpha=0.3)
+    for ax in (text_ax, loss_ax):
+        ax.set_xlabel("step", fontsize=_FONT["label"])
+    for ax in (token_ax, gap_ax):  # shared with the panel below
+        ax.tick_params(labelbottom=True)
+    notes = [note for note in (_free_running_note(history), _coincidence_note(history)) if note]
+    if notes:  # under the panels, where they hide no curve
+        fig.supxlabel("\n".join(notes), fontsize=_FONT["note"], color="0.2")
     if title:
         fig.suptitle(title, fontsize=_FONT["suptitle"])
     if path is not None:
@@ -333,6 +428,21 @@ def _records_line(directory: Path) -> str:
     count = len([path for path in _records_files(directory) if path.suffix == ".jsonl"])
     files = "1 file" if count == 1 else f"{count} files"
     return f"Records: {files}; read them with mllm-metrics report {shlex.quote(str(directory))}"
+
+
+def _generation_note(config: DemoConfig) -> str:
+    """How the validations decode answers, after the training line."""
+    if config.backend != "lightning" or config.max_new_tokens is None:
+        return " (teacher-forced only)"
+    return f" (teacher-forced, and free-running: greedy, <= {config.max_new_tokens} tokens)"
+
+
+def _final_free_running(row: Mapping[str, float]) -> str:
+    """`` (free-running: bit-match x, exact-match y)`` when the run generated, else empty."""
+    values = [row.get(f"val/gen_{name}", math.nan) for name in ("bit_match", "exact_match")]
+    if any(math.isnan(value) for value in values):
+        return ""
+    return f" (free-running: bit-match {values[0]:.3f}, exact-match {values[1]:.3f})"
 
 
 def _is_rank_zero() -> bool:
@@ -397,7 +507,8 @@ def _run(config: DemoConfig) -> DemoResult:
     say(
         f"Training {config.max_steps} steps of {config.batch_size} rows ("
         f"{config.micro_batches} micro-batches) on {config.devices} CPU process(es) with "
-        f"{config.backend}; validating on {len(val)} rows every {config.val_every} steps.",
+        f"{config.backend}; validating on {len(val)} rows every {config.val_every} steps"
+        f"{_generation_note(config)}.",
         flush=True,
     )
     if config.backend == "lightning":
@@ -427,8 +538,8 @@ def _run(config: DemoConfig) -> DemoResult:
         final = rows[-1]
         say(
             f"Final: bit-match {final['val/bit_match']:.3f}, exact-match "
-            f"{final['val/exact_match']:.3f} after {int(final['step'])} steps "
-            f"({seconds:.0f} s)."
+            f"{final['val/exact_match']:.3f}{_final_free_running(final)} after "
+            f"{int(final['step'])} steps ({seconds:.0f} s)."
         )
         say(f"Wrote {csv_path}, {config.out / TABLE_NAME}")
         say(f"Plot: {png_path}" if png_path else "Plot: none (matplotlib is not installed).")
