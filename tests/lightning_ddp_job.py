@@ -54,11 +54,14 @@ def collate(rows: list[dict]) -> dict:
     from mllm_metrics.demo import make_multimodal_batch
 
     images = torch.cat([row["images"] for row in rows])
-    batch = make_multimodal_batch(
+    return make_multimodal_batch(
         [row["prompt"] for row in rows], [row["answer"] for row in rows], images
     )
-    batch["task"] = [row["task"] for row in rows]
-    return batch
+
+
+def collate_with_task(rows: list[dict]) -> dict:
+    """The batch and each row's group (the module's `group_key`, which the model never sees)."""
+    return collate(rows) | {"task": [row["task"] for row in rows]}
 
 
 def main(out_dir: Path, devices: int) -> None:
@@ -106,7 +109,7 @@ def main(out_dir: Path, devices: int) -> None:
     # parameters without gradients, which plain DDP (find_unused_parameters=False) hangs on.
     train = DataLoader(samples(8, seed=9, min_images=1), batch_size=2, collate_fn=collate)
     vals = [
-        DataLoader(samples(size, seed=size), batch_size=batch_size, collate_fn=collate)
+        DataLoader(samples(size, seed=size), batch_size=batch_size, collate_fn=collate_with_task)
         for size, batch_size in zip(VAL_SIZES, VAL_BATCH_SIZES)
     ]
     recorder = RecordSyncedCounts()
