@@ -365,7 +365,7 @@ def test_fit_writes_one_file_per_validation_and_none_for_the_sanity_check(tmp_pa
     for step in ("0000002", "0000004"):
         records = _read(tmp_path / f"val_step{step}_dl0.jsonl")
         _assert_records_equal(
-            [{k: v for k, v in r.items()} for r in records],
+            records,
             [
                 {k: v for k, v in s.items() if k not in ("prediction", "reference")}
                 for s in expected

@@ -129,3 +129,15 @@ def test_outside_trainer_the_files_are_counted_and_a_bad_batch_records_nothing(t
 def test_tokenizer_needs_batch_decode():
     with pytest.raises(TypeError, match="batch_decode"):
         StreamingMetrics(tokenizer=object())
+
+
+def test_without_nll_the_records_hold_a_null_nll(tmp_path):
+    streaming = StreamingMetrics(nll=False, records_dir=tmp_path)
+    preds = torch.tensor([[5, 6], [7, 7]])
+    target = torch.tensor([[5, 6], [-100, 8]])
+    streaming((preds, target), compute_result=True)
+    records = _read(tmp_path / "eval_call0000001.jsonl")
+    assert [(r["correct_tokens"], r["supervised_tokens"], r["nll"]) for r in records] == [
+        (2, 2, None),
+        (0, 1, None),
+    ]

@@ -177,8 +177,7 @@ class GroupedMetric(_SumStates):
 
     def _update_rows(self, numerators: Tensor, denominators: Tensor, ids: Tensor) -> None:
         """Add per-row sums computed elsewhere (e.g. by the chunked head), as one update."""
-        self._computed = None
-        self._update_count += 1
+        self._count_external_update()
         self._add_rows(numerators, denominators, ids)
 
     def _add_rows(self, numerators: Tensor, denominators: Tensor, ids: Tensor) -> None:

@@ -649,10 +649,7 @@ class StreamingMetrics:
     ) -> None:
         """Keep each gathered row's record; ``Trainer`` gathers them in the data set's order."""
         rows = target.shape[0]
-        nll = row_nll if row_nll is not None else torch.full((rows,), float("nan"))
-        columns = row_statistics(preds, target, nll, self.ignore_index)
-        if row_nll is None:
-            columns["nll"] = [None] * rows
+        columns = row_statistics(preds, target, row_nll, self.ignore_index)
         if texts is not None:
             columns["prediction"], columns["reference"] = texts
         start = len(self._records)

@@ -117,6 +117,12 @@ class _SumStates(Metric):
 
         return compute_from_sums
 
+    def _count_external_update(self) -> None:
+        """Book sums added outside ``update`` (e.g. by the chunked head) as one update, as
+        torchmetrics' wrapper does for ``update``: the cached result is stale."""
+        self._computed = None
+        self._update_count += 1
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The batch's value, accumulating the batch as ``update`` does; a bad batch changes
         nothing (plain ``Metric.forward`` would lose every count accumulated so far)."""
@@ -156,8 +162,7 @@ class _CountRatio(_SumStates):
 
     def _update_sums(self, numerator: Tensor | int, denominator: Tensor | int) -> None:
         """Add sums computed elsewhere (e.g. by the chunked head), counted as one update."""
-        self._computed = None
-        self._update_count += 1
+        self._count_external_update()
         self._add(numerator, denominator)
 
     def _add(self, numerator: Tensor | int, denominator: Tensor | int) -> None:

@@ -60,14 +60,14 @@ def records_file_name(
 
 
 def row_statistics(
-    preds: Tensor, target: Tensor, row_nll: Tensor, ignore_index: int
+    preds: Tensor, target: Tensor, row_nll: Tensor | None, ignore_index: int
 ) -> dict[str, list[Any]]:
     """Each row's record fields (besides ``index``), by the same rules as the metrics.
 
     Args:
         preds: shifted token ids (B, L).
         target: shifted labels (B, L).
-        row_nll: each row's summed NLL (B,).
+        row_nll: each row's summed NLL (B,), or None when it was not computed (``nll`` null).
         ignore_index: label of unsupervised positions.
 
     Returns:
@@ -90,7 +90,7 @@ def row_statistics(
         "supervised_tokens": supervised_list,
         "correct_tokens": correct_list,
         "exact": [bool(hit) if has else None for hit, has in zip(exact_list, counted_list)],
-        "nll": row_nll.double().tolist(),
+        "nll": [None] * len(supervised_list) if row_nll is None else row_nll.double().tolist(),
     }
 
 
