@@ -78,6 +78,7 @@ def trainer_style(model, batches) -> dict:
     """``Trainer.prediction_step`` + ``batch_eval_metrics``, by hand, on this process only."""
     from _hf_setup import counting_metrics
     from transformers import EvalPrediction
+    from transformers.trainer_pt_utils import nested_detach
 
     from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
@@ -89,9 +90,11 @@ def trainer_style(model, batches) -> dict:
             with torch.no_grad():
                 outputs = model(**batch)
             loss += float(outputs["loss"])
-            logits = tuple(
-                v.detach() for k, v in outputs.items() if k not in [*ignore_keys, "loss"]
+            # As Trainer.prediction_step: every field but the loss, detached; one field alone.
+            logits = nested_detach(
+                tuple(v for k, v in outputs.items() if k not in [*ignore_keys, "loss"])
             )
+            logits = logits[0] if len(logits) == 1 else logits
             preprocessed = streaming.preprocess_logits(logits, batch["labels"])
             prediction = EvalPrediction(predictions=preprocessed, label_ids=batch["labels"])
             streaming(prediction, compute_result=False)
@@ -146,7 +149,7 @@ def lightning_validate(rows, collate) -> dict:
             self.states: dict[str, float] = {}
 
         def on_validation_epoch_end(self, trainer, module) -> None:
-            for key, group in module.eval_metrics.items():
+            for key, group in module.evaluations.items():
                 for metric in group.modules():
                     if isinstance(metric, torchmetrics.Metric) and metric._defaults:
                         with metric.sync_context(should_sync=True):

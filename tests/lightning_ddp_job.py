@@ -81,7 +81,7 @@ def main(out_dir: Path, devices: int) -> None:
         def on_validation_epoch_end(self, trainer, module) -> None:
             self.calls += 1
             counts = {}
-            for key, group in module.eval_metrics.items():
+            for key, group in module.evaluations.items():
                 for metric in group.modules():
                     if isinstance(metric, torchmetrics.Metric) and metric._defaults:
                         with metric.sync_context(should_sync=True):

@@ -191,7 +191,7 @@ def synced_counts(trainer: object, module: object) -> list[dict]:
     epoch = []
     for dataloader_idx in range(count):
         counts = {}
-        for metric in module.eval_metrics[f"val_{dataloader_idx}"].modules():
+        for metric in module.evaluations[f"val_{dataloader_idx}"].modules():
             if isinstance(metric, torchmetrics.Metric) and metric._defaults:
                 with metric.sync_context(should_sync=True):
                     for name, value in metric.metric_state.items():

@@ -362,7 +362,7 @@ def test_limit_generate_batches_counts_batches_or_a_share(trained_model, limit, 
 
     class Count(pl.Callback):  # before Lightning resets the logged metrics
         def on_validation_epoch_end(self, trainer, module):
-            metric = module.eval_metrics["val_0"]["generated"]["gen_exact_match"]
+            metric = module.evaluations["val_0"].generated["gen_exact_match"]
             counted.append(int(metric.gen_exact_match_total))
 
     trainer = pl.Trainer(
@@ -491,7 +491,9 @@ def test_a_share_of_an_unsized_loader_is_a_clear_error(trained_model):
         _trainer().validate(module, DataLoader(Stream(), batch_size=None), verbose=False)
 
 
-def test_a_second_evaluation_at_the_same_step_warns_that_it_overwrites(trained_model, tmp_path):
+def test_a_second_evaluation_at_the_same_step_keeps_both_files(trained_model, tmp_path):
+    import warnings
+
     from torch.utils.data import DataLoader
 
     from mllm_metrics import MllmMetricsWarning
@@ -499,6 +501,16 @@ def test_a_second_evaluation_at_the_same_step_warns_that_it_overwrites(trained_m
 
     module = MultimodalLMModule(trained_model, records_dir=tmp_path)
     loader = DataLoader(_eval_batches("single", count=1), batch_size=None)
-    _trainer().validate(module, loader, verbose=False)
-    with pytest.warns(MllmMetricsWarning, match="overwritten"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MllmMetricsWarning)
         _trainer().validate(module, loader, verbose=False)
+        first = (tmp_path / "val_step0000000.jsonl").read_text()
+        _trainer().validate(module, loader, verbose=False)
+    # Nothing is overwritten: the second evaluation at step 0 gets a file of its own.
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == [
+        "val_step0000000-2.jsonl",
+        "val_step0000000.jsonl",
+    ]
+    assert (tmp_path / "val_step0000000.jsonl").read_text() == first
+    # The same weights on the same data: the same records.
+    assert (tmp_path / "val_step0000000-2.jsonl").read_text() == first

@@ -39,6 +39,7 @@ from _models import tiny_hf_llava  # noqa: E402
 
 from mllm_metrics import BitMatchAccuracy  # noqa: E402
 from mllm_metrics.hf import IGNORED_OUTPUT_KEYS, StreamingMetrics, expose_processed_labels  # noqa: E402
+from mllm_metrics.hf.fields import preprocessed_fields  # noqa: E402
 from mllm_metrics.labels import PREPARE_METHOD  # noqa: E402
 
 HAS_EVAL_DO_CONCAT_BATCHES = (
@@ -213,7 +214,8 @@ def test_nothing_of_vocabulary_size_is_kept_across_steps(mode, tmp_path):
     # compute_metrics only ever sees (rows, seq_len - 1) ids and (rows,) sums.
     assert len(received) == (8 if batch_eval_metrics else 1)
     rows_per_call = 2 if batch_eval_metrics else 16
-    for preds, target, row_nll in received:
+    for header, preds, target, row_nll in received:
+        assert header == (rows_per_call, 2)
         assert preds == target and len(preds) == 2 and preds[0] == rows_per_call
         assert row_nll == (rows_per_call,)
     # The metrics keep the same few scalar sums whatever the number of batches.
@@ -242,7 +244,7 @@ def test_user_metrics_are_not_synced_again():
     }
     for metrics in (given["single"], given["collection"], [user_metric(), CorrectTokens()]):
         streaming = StreamingMetrics(metrics, nll=False)
-        results = streaming((target, target), compute_result=True)
+        results = streaming(preprocessed_fields(target, target), compute_result=True)
         counts = [v for k, v in results.items() if k in ("SupervisedTokens", "inner")]
         assert counts == [3], results
         assert not any(m.sync_on_compute for m in streaming.metrics.values())
@@ -275,11 +277,13 @@ def test_trainer_padding_is_ignored_with_any_ignore_index():
     )
     logits = torch.zeros(1, 4, 6)
     logits[0, :, 3] = 1.0
-    preds, target, row_nll = streaming.preprocess_logits(logits, torch.tensor([[-1, 3, 3, 4]]))
+    header, preds, target, row_nll = streaming.preprocess_logits(
+        logits, torch.tensor([[-1, 3, 3, 4]])
+    )
     # Trainer pads with -100 (ids and labels) when it concatenates batches of different lengths.
     preds = torch.cat([preds, torch.full((1, 2), -100)], dim=1)
     target = torch.cat([target, torch.full((1, 2), -100)], dim=1)
-    results = streaming((preds, target, row_nll))
+    results = streaming((header, preds, target, row_nll))
     assert results["bit_match"] == pytest.approx(2 / 3)
     assert results["hits"] == 2
 

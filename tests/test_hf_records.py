@@ -19,6 +19,7 @@ from _hf_setup import (  # noqa: E402
 )
 
 from mllm_metrics.hf import StreamingMetrics, expose_processed_labels  # noqa: E402
+from mllm_metrics.hf.fields import preprocessed_fields  # noqa: E402
 
 
 def _read(path):
@@ -98,7 +99,8 @@ def _batch(rows, generator):
     target = preds.clone()
     target[:, :2] = -100
     target[0, 3] = (target[0, 3] + 1) % 5
-    return preds, target, torch.rand(rows, generator=generator, dtype=torch.float64).float()
+    row_nll = torch.rand(rows, generator=generator, dtype=torch.float64).float()
+    return preprocessed_fields(preds, target, row_nll)
 
 
 def test_outside_trainer_the_files_are_counted_and_a_bad_batch_records_nothing(tmp_path):
@@ -106,7 +108,7 @@ def test_outside_trainer_the_files_are_counted_and_a_bad_batch_records_nothing(t
     streaming = StreamingMetrics(records_dir=tmp_path)
     first, second = _batch(2, generator), _batch(3, generator)
     streaming(first, compute_result=False)
-    bad = (second[0][:, :2], second[1], second[2])  # preds that do not line up with labels
+    bad = (second[0], second[1][:, :2], *second[2:])  # preds that do not line up with labels
     with pytest.raises(ValueError):
         streaming([second, bad], compute_result=False)
     results = streaming(second, compute_result=True)
@@ -120,7 +122,7 @@ def test_outside_trainer_the_files_are_counted_and_a_bad_batch_records_nothing(t
     assert [r["correct_tokens"] for r in records] == [1, 2, 1, 2, 2]
     assert [r["exact"] for r in records] == [False, True, False, True, True]
     assert [r["nll"] for r in records] == pytest.approx(
-        first[2].tolist() + second[2].tolist(), rel=1e-6
+        first[3].tolist() + second[3].tolist(), rel=1e-6
     )
     assert results["bit_match"] == pytest.approx(8 / 10)
     assert len(_read(tmp_path / "eval_call0000002.jsonl")) == 2
@@ -135,7 +137,7 @@ def test_without_nll_the_records_hold_a_null_nll(tmp_path):
     streaming = StreamingMetrics(nll=False, records_dir=tmp_path)
     preds = torch.tensor([[5, 6], [7, 7]])
     target = torch.tensor([[5, 6], [-100, 8]])
-    streaming((preds, target), compute_result=True)
+    streaming(preprocessed_fields(preds, target), compute_result=True)
     records = _read(tmp_path / "eval_call0000001.jsonl")
     assert [(r["correct_tokens"], r["supervised_tokens"], r["nll"]) for r in records] == [
         (2, 2, None),

@@ -256,7 +256,7 @@ def test_several_dataloaders_keep_separate_states_and_keys():
         expected = _reference(model, batches, labels_for)
         suffixed = {f"{name}/dataloader_idx_{index}": value for name, value in expected.items()}
         _assert_logged(results[index], suffixed)
-    assert set(module.eval_metrics) == {"val_0", "val_1"}
+    assert set(module.evaluations) == {"val_0", "val_1"}
 
 
 def test_test_stage_logs_test_keys():

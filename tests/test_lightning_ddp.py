@@ -91,9 +91,17 @@ def test_group_counts_summed_over_ranks_equal_the_single_process_counts(runs):
 
 def test_records_files_equal_the_single_process_files(runs):
     _, _, single, ddp = runs
-    # The sanity check writes nothing; fit's validation and validate() run at step 2.
-    assert sorted(single) == ["val_step0000002_dl0.jsonl", "val_step0000002_dl1.jsonl"]
+    # The sanity check writes nothing; fit's validation and validate() both run at step 2:
+    # validate()'s files get "-2", nothing is overwritten.
+    assert sorted(single) == [
+        "val_step0000002_dl0-2.jsonl",
+        "val_step0000002_dl0.jsonl",
+        "val_step0000002_dl1-2.jsonl",
+        "val_step0000002_dl1.jsonl",
+    ]
     assert sorted(ddp) == sorted(single)
+    for name in ("val_step0000002_dl0", "val_step0000002_dl1"):  # learning_rate=0: the same
+        assert single[f"{name}.jsonl"] == single[f"{name}-2.jsonl"]
     for name, records in single.items():
         assert [r["index"] for r in records] == list(range(7 if "dl0" in name else 5))
         assert len(ddp[name]) == len(records), name  # every sample once: no repeat recorded

@@ -364,7 +364,7 @@ def test_loaders_that_cannot_be_exact_warn_with_the_cause(build, cause):
         track_repeats(build(sampler), "val dataloader 0")
 
 
-def test_a_loader_without_padding_has_no_repeats_and_gives_positions_without_warning():
+def test_a_loader_without_padding_has_no_repeats_and_gives_keys_without_warning():
     dataset = list(range(6))
     loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, 2, 1, False))
     with warnings.catch_warnings():
@@ -372,12 +372,12 @@ def test_a_loader_without_padding_has_no_repeats_and_gives_positions_without_war
         tracked, tracker = track_repeats(loader, "val dataloader 0")
         batches = [batch.tolist() for batch in tracked]
         samples = [tracker.next_batch(len(batch)) for batch in batches]
-    # Rank 1 of 2 gets the odd indices; its k-th sample is at 1 + 2k in one process's order.
+    # Rank 1 of 2 gets the odd indices; each row's key is its data-set index.
     assert batches == [[1, 3], [5]]
     assert samples == [([(1, 0), (3, 0)], None), ([(5, 0)], None)]
 
 
-def test_positions_follow_the_sampler_order_through_a_reordering_batch_sampler():
+def test_keys_are_the_data_set_indices_through_a_reordering_batch_sampler():
     dataset = list(range(7))
     sampler = DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=3)
     order = list(sampler)  # this rank's share, in the sampler's order
@@ -397,10 +397,11 @@ def test_positions_follow_the_sampler_order_through_a_reordering_batch_sampler()
     tracked, tracker = track_repeats(DataLoader(dataset, batch_sampler=Backwards(sampler)), "t")
     seen = {}
     for batch in tracked:
-        for index, place in zip(batch.tolist(), tracker.next_batch(len(batch)).positions):
-            seen[index] = place
-    # Rank 0 has 4 samples, none repeated (7 = 2 * 4 - 1: rank 1 holds the repeat).
-    assert seen == {index: (2 * k, 0) for k, index in enumerate(order)}
+        for index, key in zip(batch.tolist(), tracker.next_batch(len(batch)).keys):
+            seen[index] = key
+    # Rank 0 has 4 samples, none repeated (7 = 2 * 4 - 1: rank 1 holds the repeat); each row's
+    # key is its data-set index, whatever order the batch sampler served them in.
+    assert seen == {index: (index, 0) for index in order}
 
 
 def test_batch_sampler_is_a_plain_batch_sampler_after_tracking():
@@ -417,8 +418,10 @@ def test_batch_sampler_is_a_plain_batch_sampler_after_tracking():
 
 
 def _gathered(preds, target, row_nll=None):
+    from mllm_metrics.hf.fields import preprocessed_fields
+
     row_nll = torch.zeros(len(preds)) if row_nll is None else row_nll
-    return (torch.tensor(preds), torch.tensor(target), row_nll)
+    return preprocessed_fields(torch.tensor(preds), torch.tensor(target), row_nll)
 
 
 def test_streaming_call_with_a_bad_batch_in_a_list_adds_nothing():
@@ -432,7 +435,7 @@ def test_streaming_call_with_a_bad_batch_in_a_list_adds_nothing():
     with pytest.raises(ValueError, match="-200"):
         streaming([good, good, bad], compute_result=False)
     assert _collection_counts(streaming.metrics) == before
-    assert streaming._nll.nll_tokens.item() == 2
+    assert streaming.evaluation.nll.nll_tokens.item() == 2
     results = streaming([good], compute_result=True)
     assert results["bit_match"] == 0.5 and results["exact_match"] == 0.0
 
@@ -458,7 +461,7 @@ def test_preprocess_logits_takes_only_the_exposed_labels_from_a_tuple():
     logits = torch.randn(2, 4, VOCAB)
     other_int_field = torch.zeros(2, 4, dtype=torch.long)  # e.g. a model's own int output
     batch_labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 4, 5]])
-    preds, target, _ = streaming.preprocess_logits((logits, other_int_field), batch_labels)
+    _, preds, target, _ = streaming.preprocess_logits((logits, other_int_field), batch_labels)
     torch.testing.assert_close(target, batch_labels[:, 1:])
 
 
@@ -579,7 +582,7 @@ def test_lightning_validate_after_an_interrupted_one_starts_from_zero():
     failing.armed = True
     with pytest.raises(_Interrupt):
         trainer().validate(module, loader, verbose=False)
-    counts = module.eval_metrics["val_0"]["tokens"]["bit_match"].bit_match_total.item()
+    counts = module.evaluations["val_0"].tokens["bit_match"].bit_match_total.item()
     assert counts > 0  # two batches were counted before it stopped
     failing.armed = False
     [results] = trainer().validate(module, loader, verbose=False)  # a new Trainer
@@ -618,7 +621,7 @@ def test_lightnings_sampler_wrapper_over_a_custom_sampler_is_understood():
     # Positions 0..5 of [4, 3, 2, 1, 0, 4]: rank 1 gets positions 1, 3, 5 -> 3, 1 and a repeat 4.
     batches = [batch.tolist() for batch in tracked]
     assert batches == [[3, 1], [4]]
-    assert tracker.next_batch(2) == ([(1, 0), (3, 0)], None)  # rank 1: positions 1, 3
+    assert tracker.next_batch(2) == ([(3, 0), (1, 0)], None)  # the data-set indices 3 and 1
     assert tracker.next_batch(1) == ([None], [True])
 
 

@@ -13,6 +13,8 @@ them at a time, keeping each chunk's argmax ids and NLL. The Lightning module an
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +29,11 @@ __all__ = ["DEFAULT_LOGITS_CHUNK_SIZE", "NOT_PREDICTED", "SupervisedPredictions"
 #: every position never counts one of them as a match.
 NOT_PREDICTED = -(2**31)
 
-#: 256 positions at a time: at V = 151936 (Qwen2-VL) a chunk's float32 logits, their float32
-#: copy for the cross-entropy and its gradient-free softmax take ~0.5 GB, about what one decoder
-#: layer of a 7B model needs for 4096 positions; fewer positions per call start to cost time
-#: (each call re-reads the head's weights). TRL's chunked NLL uses the same size.
+#: 256 positions at a time: at V = 151936 (Qwen2-VL) a chunk's float32 logits take ~155 MB
+#: (the NLL is computed in their place), far below what one decoder layer of a 7B model needs
+#: for 4096 positions; fewer positions per call start to cost time (each call re-reads the
+#: head's weights). (TRL 1.16's chunked log-prob kernel tiles differently: 4096 positions by
+#: 32768 vocabulary columns.)
 DEFAULT_LOGITS_CHUNK_SIZE = 256
 
 
@@ -77,6 +80,7 @@ def supervised_head_predictions(
     labels: Tensor,
     chunk_size: int,
     ignore_index: int = -100,
+    logit_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> SupervisedPredictions:
     """Argmax ids and summed NLL at the supervised positions, ``chunk_size`` positions at a time.
 
@@ -85,12 +89,19 @@ def supervised_head_predictions(
     features, padding, the last position) never reach the head. The NLL is the cross-entropy of
     the float32 logits, summed per row in float64.
 
+    A head that is sharded (DeepSpeed ZeRO-3, FSDP2) gathers its weights at each call, a
+    collective: it is then called exactly once per batch on every process, with every chunk
+    computed inside that call, so that processes with different numbers of supervised positions
+    stay in step.
+
     Args:
         hidden_states: final hidden states, shape (batch, seq_len, hidden).
         output_head: the module turning hidden states into logits (``get_output_embeddings()``).
         labels: labels aligned with ``hidden_states``, shape (batch, seq_len).
         chunk_size: the most positions given to the head in one call.
         ignore_index: label value of unsupervised positions.
+        logit_transform: what the model applies to the head's logits (e.g. Gemma's soft cap),
+            applied to each chunk's float32 logits.
 
     Returns:
         The predictions, shifted target and row NLL.
@@ -116,15 +127,91 @@ def supervised_head_predictions(
     rows, positions = (target != ignore_index).nonzero(as_tuple=True)  # one host sync
     preds = torch.full_like(target, NOT_PREDICTED, dtype=torch.long)
     row_nll = torch.zeros(target.shape[0], dtype=torch.float64, device=target.device)
-    for start in range(0, rows.numel(), chunk_size):
-        chunk_rows, chunk_positions = (
-            rows[start : start + chunk_size],
-            positions[start : start + chunk_size],
-        )
-        logits = output_head(hidden[chunk_rows, chunk_positions]).float()
-        chunk_target = target[chunk_rows, chunk_positions].long()
-        maxima, preds[chunk_rows, chunk_positions] = logits.max(dim=-1)  # one pass for both
-        nll = _nll_in_place(logits, chunk_target, maxima)
-        row_nll.index_add_(0, chunk_rows, nll.double())
-        del logits
+
+    def run_chunks(head: Callable[[Tensor], Tensor]) -> None:
+        for start in range(0, rows.numel(), chunk_size):
+            chunk_rows = rows[start : start + chunk_size]
+            chunk_positions = positions[start : start + chunk_size]
+            logits = head(hidden[chunk_rows, chunk_positions]).float()
+            if logit_transform is not None:
+                logits = logit_transform(logits)
+            chunk_target = target[chunk_rows, chunk_positions].long()
+            maxima, preds[chunk_rows, chunk_positions] = logits.max(dim=-1)  # one pass for both
+            nll = _nll_in_place(logits, chunk_target, maxima)
+            row_nll.index_add_(0, chunk_rows, nll.double())
+            del logits
+
+    if is_sharded_module(output_head):
+        # A sharded head gathers its weights at each call (a collective): one call on every
+        # process, whatever its number of supervised positions, and the chunks inside it.
+        _inside_one_call(output_head, hidden, lambda: run_chunks(_linear_of(output_head)))
+    else:
+        run_chunks(output_head)
     return SupervisedPredictions(preds=preds, target=target, row_nll=row_nll)
+
+
+@torch.no_grad()
+def argmax_in_chunks(
+    hidden: Tensor,
+    output_head: nn.Module,
+    chunk_size: int,
+    logit_transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The argmax ids of ``output_head`` at every one of ``hidden``'s (N, hidden) positions,
+    ``chunk_size`` at a time (a sharded head: in one call, as above)."""
+    ids = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+
+    def run_chunks(head: Callable[[Tensor], Tensor]) -> None:
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = head(hidden[start : start + chunk_size])
+            if logit_transform is not None:
+                logits = logit_transform(logits)
+            ids[start : start + chunk_size] = logits.argmax(dim=-1)
+
+    if is_sharded_module(output_head):
+        _inside_one_call(output_head, hidden, lambda: run_chunks(_linear_of(output_head)))
+    else:
+        run_chunks(output_head)
+    return ids
+
+
+def is_sharded_module(module: nn.Module) -> bool:
+    """Whether calling ``module`` gathers its own parameters from the other processes: DeepSpeed
+    ZeRO-3 partitioned parameters, an FSDP2 module, or DTensor (sharded) parameters."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is not None and isinstance(module, fsdp_module):
+        return True
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return any(
+        hasattr(parameter, "ds_id") or (dtensor is not None and isinstance(parameter, dtensor))
+        for parameter in module.parameters(recurse=False)
+    )
+
+
+def _linear_of(head: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The head as a function of its (gathered) weights, without calling the module again."""
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"Expected a Linear output head, got {type(head).__name__}.")
+    return lambda hidden: nn.functional.linear(hidden, head.weight, head.bias)
+
+
+def _inside_one_call(module: nn.Module, like: Tensor, compute: Callable[[], None]) -> None:
+    """Run ``compute()`` inside exactly one call of ``module``: its hooks (which gather its
+    weights before and release them after) run once, and the module order of the call is the
+    model's own (ZeRO-3 records it to prefetch)."""
+    had_own = "forward" in vars(module)
+    own = vars(module).get("forward")
+
+    def forward(hidden: Tensor) -> Tensor:
+        compute()
+        return hidden
+
+    module.forward = forward
+    try:
+        module(like.new_zeros(0, like.shape[-1]))
+    finally:
+        if had_own:
+            module.forward = own
+        else:
+            del module.forward

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mllm_metrics._warning import MllmMetricsWarning
-from mllm_metrics.labels import PREPARE_METHOD
+from mllm_metrics.labels import PREPARE_METHOD, run_in_root_forward
 
 __all__ = [
     "GenerationPrompts",
@@ -259,12 +259,48 @@ def _warn_about_constraints(generation_config: Any) -> None:
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether some ``forward`` of the model's classes names the argument ``name``."""
+    """Whether the ``forward`` that runs when the model is called takes the argument ``name``.
+
+    Decided from the instance's class's own ``forward`` (LLaVA's takes explicit arguments and
+    no ``**kwargs``, though its parent ``LlamaForCausalLM.forward`` takes ``logits_to_keep``);
+    a parent class's ``forward`` counts only when every ``forward`` before it passes
+    ``**kwargs`` on.
+    """
     for cls in type(model).__mro__:
         forward = vars(cls).get("forward")
-        if forward is not None and name in inspect.signature(forward).parameters:
+        if forward is None:
+            continue
+        parameters = inspect.signature(forward).parameters
+        if name in parameters:
             return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
     return False
+
+
+def _prepare_arguments(
+    model: nn.Module, batch: Mapping[str, Any], ids: Tensor, mask: Tensor
+) -> dict[str, Any]:
+    """The keyword arguments of the model's prepare method for the prompts, by name (LLaVA-NeXT
+    takes ``modalities`` before ``image_sizes``): the prompts' ids and mask, nothing cached, no
+    labels, and every other argument it names from the batch."""
+    parameters = inspect.signature(getattr(model, PREPARE_METHOD)).parameters
+    extra = _extra_inputs(batch)
+    arguments: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            continue
+        if name == "input_ids":
+            arguments[name] = ids
+        elif name == "attention_mask":
+            arguments[name] = mask
+        elif name in ("position_ids", "past_key_values", "labels"):
+            arguments[name] = None
+        elif name in extra:
+            arguments[name] = extra[name]
+        elif parameter.default is parameter.empty:  # e.g. LLaVA's `images`, on a text-only batch
+            arguments[name] = None
+    return arguments
 
 
 def _prompt_embeddings(
@@ -274,14 +310,17 @@ def _prompt_embeddings(
     splices its image features in with its own method (rows may grow, be re-padded, truncated)."""
     ids, mask = prompts.input_ids, prompts.attention_mask
     if hasattr(model, PREPARE_METHOD):
-        extra = _extra_inputs(batch)
-        prepared = getattr(model, PREPARE_METHOD)(
-            ids, None, mask, None, None, extra.get("images"), extra.get("image_sizes")
-        )
+        prepared = getattr(model, PREPARE_METHOD)(**_prepare_arguments(model, batch, ids, mask))
         embeds, mask = prepared[4], prepared[2]
         if embeds is None:  # LLaVA passes text-only batches (no images) through as ids
             ids = prepared[0] if prepared[0] is not None else ids
             embeds = model.get_input_embeddings()(ids)
+        if embeds.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"{type(model).__name__}.{PREPARE_METHOD} returned {embeds.shape[0]} rows for "
+                f"{ids.shape[0]} prompts. Likely cause: LLaVA-NeXT's `modalities` defaults to "
+                "['image'], one entry: give the batch `modalities` with one entry per row."
+            )
         mask = (
             torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             if mask is None
@@ -321,32 +360,31 @@ def _cached_greedy_loop(
     end_ids: Sequence[int],
     lockstep: bool,
 ) -> Tensor:
-    embeds, mask = _prompt_embeddings(model, batch, prompts)
-    embed = model.get_input_embeddings()
+    embeds, mask = run_in_root_forward(model, _prompt_embeddings, model, batch, prompts)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # transformers 5 returns the cache as `cache`, which LLaVA's explicit forward does not take:
+    # it takes `past_key_values`. A forward that names neither gets the output's own name.
+    cache_names = [name for name in ("cache", "past_key_values") if _accepts(model, name)]
     ends = torch.tensor(list(end_ids), dtype=torch.long, device=embeds.device)
     rows = embeds.shape[0]
     done = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
     generated: list[Tensor] = []
-    cache: dict[str, Any] = {}
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # The prompt once, as embeddings; then each new token as an id, embedded by the model's own
+    # forward (nothing of the model is called outside a forward of its own: FSDP2 gathers its
+    # parameters there).
+    inputs: dict[str, Any] = {"inputs_embeds": embeds}
     for _ in range(max_new_tokens):
         outputs = model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **cache,
-            **keep_last,
+            **inputs, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last
         )
         token = _last_logits(outputs).argmax(dim=-1)
         generated.append(token)
         done |= torch.isin(token, ends)
         if not lockstep and bool(done.all()):
             break
-        name, value = _cache_of(outputs)
-        cache = {name: value}
-        embeds = embed(token).unsqueeze(1)
+        name, cache = _cache_of(outputs)
+        inputs = {"input_ids": token.unsqueeze(1), (cache_names or [name])[0]: cache}
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
     if not generated:

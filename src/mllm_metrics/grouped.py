@@ -111,7 +111,8 @@ class GroupedMetric(_SumStates):
     tensor ``(B,)`` of positions in ``groups``. An unknown group raises and changes nothing.
 
     As output of ``compute`` the metric returns a dict of float scalar tensors: one per group
-    name, and ``"macro"``.
+    that has data (a supervised position; "no data, no number": a group without any is left
+    out), and ``"macro"``, the mean over those groups (``zero_division`` when none has data).
 
     States: the wrapped metric's two state names with ``_per_group_`` and a checksum of the group
     names appended (e.g. ``bit_match_correct_per_group_1f2e3d4c``), each of shape
@@ -131,7 +132,7 @@ class GroupedMetric(_SumStates):
         >>> target = torch.tensor([[1, 2, 0], [4, 5, 6], [7, -100, 0]])
         >>> metric.update(preds, target, group=["vqa", "ocr", "vqa"])
         >>> {name: round(value.item(), 4) for name, value in metric.compute().items()}
-        {'vqa': 0.6, 'ocr': 1.0, 'caption': 0.0, 'macro': 0.8}
+        {'vqa': 0.6, 'ocr': 1.0, 'macro': 0.8}
 
     """
 
@@ -190,11 +191,36 @@ class GroupedMetric(_SumStates):
         setattr(self, self._denominator_state, denominator)
 
     def compute(self) -> dict[str, Tensor]:
-        """Each group's value (``zero_division`` for a group without data) and ``"macro"``."""
+        """The value of each group that has data, and ``"macro"``, their mean."""
         numerator = getattr(self, self._numerator_state)
         denominator = getattr(self, self._denominator_state)
         zero_division = self.metric.zero_division
         values = _ratio(numerator, denominator, zero_division)
         has_data = denominator > 0
         macro = _ratio(values.double().where(has_data, 0.0).sum(), has_data.sum(), zero_division)
-        return dict(zip(self.groups, values.unbind())) | {MACRO: macro}
+        kept = has_data.tolist()
+        return {
+            name: value for name, value, keep in zip(self.groups, values.unbind(), kept) if keep
+        } | {MACRO: macro}
+
+
+class _GroupValue(_SumStates):
+    """One value of a :class:`GroupedMetric` as a metric object Lightning can log.
+
+    It has no state of its own: its ``compute()`` is the grouped metric's (synced once, then
+    cached by torchmetrics until the next update or reset) at ``key``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, grouped: GroupedMetric, key: str) -> None:
+        super().__init__()
+        self._grouped = (grouped,)  # not a child: its states are logged through this value only
+        self.key = key
+
+    def update(self) -> None:
+        """Nothing to add: the grouped metric is updated."""
+
+    def compute(self) -> Tensor:
+        """The grouped metric's value at ``key``."""
+        return self._grouped[0].compute()[self.key]

@@ -31,6 +31,7 @@ exposed model can be deep-copied (the copy records its own labels) and pickled o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -338,6 +339,29 @@ def _check_placeholders_have_modality(
     )
 
 
+def _check_every_row_kept(model: nn.Module, batch: Mapping[str, Any], rows: int) -> None:
+    """Raise when the model's output has fewer (or more) rows than the batch: a row the model
+    dropped would silently count in no metric."""
+    given = next(
+        (v.shape[0] for k in ("input_ids", "labels") if isinstance(v := batch.get(k), Tensor)),
+        None,
+    )
+    if given is None or given == rows:
+        return
+    method = getattr(model, PREPARE_METHOD, model.forward)
+    likely = (
+        " Likely cause: LLaVA-NeXT's `modalities` argument defaults to ['image'], a list of one, "
+        "and its prepare method keeps one row per entry: give the batch `modalities` with one "
+        "entry per row."
+        if "modalities" in inspect.signature(method).parameters and "modalities" not in batch
+        else ""
+    )
+    raise ValueError(
+        f"The batch has {given} rows but {type(model).__name__}'s output has {rows}: the rows "
+        f"it left out would count in no metric.{likely}"
+    )
+
+
 def _logits_of(outputs: Any) -> Tensor:
     if isinstance(outputs, Mapping):
         logits = outputs.get("logits")
@@ -426,7 +450,9 @@ class AlignedForward:
     loss: Tensor | None
 
 
-def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForward:
+def aligned_forward(
+    model: nn.Module, batch: Mapping[str, Any], call: Callable[..., Any] | None = None
+) -> AlignedForward:
     """Call ``model(**batch)`` and return its logits with the labels they align with.
 
     The labels of a LLaVA-style model are recorded from ``prepare_inputs_labels_for_multimodal``
@@ -437,6 +463,8 @@ def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForwar
         model: any module returning a ``ModelOutput``/dict with ``logits``, or a tuple whose
             first element is the logits; may be wrapped in ``DistributedDataParallel``.
         batch: the keyword arguments of the forward.
+        call: what runs the forward, ``model`` by default (a forward method of the model's,
+            from inside a wrapper set as its ``forward``).
 
     Returns:
         The outputs, logits, aligned labels and loss.
@@ -469,8 +497,9 @@ def aligned_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedForwar
         )
     _check_placeholders_have_modality(model, batch)
     with _recording_labels(model) as slot:
-        outputs = model(**batch)
+        outputs = (model if call is None else call)(**batch)
     recorded = slot.labels if slot.recorded else None
+    _check_every_row_kept(model, batch, _logits_of(outputs).shape[0])
     labels = select_aligned_labels(outputs, batch.get("labels"), recorded)
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
     return AlignedForward(outputs=outputs, logits=_logits_of(outputs), labels=labels, loss=loss)
@@ -599,15 +628,59 @@ class _EndForward(_ExposureHook):
         _pop_slot(slot)
         if slot.release is not None:
             slot.release()
+        if getattr(type(outputs), "holds_processed_labels", False):
+            return outputs  # they travel inside it (mllm_metrics.hf.ChunkedEvalOutput)
         if isinstance(outputs, Mapping):
             labels = outputs.get(PROCESSED_LABELS_FIELD)
             if labels is None and slot.recorded and slot.labels is not None:
-                outputs[PROCESSED_LABELS_FIELD] = labels = slot.labels
+                labels = slot.labels
+                outputs = _with_processed_labels(outputs, labels)
         else:
             labels = getattr(outputs, PROCESSED_LABELS_FIELD, None)
         if isinstance(labels, Tensor):
             _remember_processed_labels(labels)
         return outputs
+
+
+_OUTPUT_CLASSES: dict[type, type] = {}
+
+
+def _with_processed_labels(outputs: Any, labels: Tensor) -> Any:
+    """``outputs`` with a ``processed_labels`` field.
+
+    A dict gains the key. A ``ModelOutput`` (a dataclass) becomes an instance of a subclass of
+    its class that has the field: code that rebuilds an output from its items (PyTorch's
+    pytree, which ``DistributedDataParallel(find_unused_parameters=True)`` uses on every
+    training forward) calls the class with every key, and the class must take them all.
+    """
+    fields = getattr(type(outputs), "__dataclass_fields__", None)
+    if fields is None or PROCESSED_LABELS_FIELD in fields:
+        outputs[PROCESSED_LABELS_FIELD] = labels
+        return outputs
+    base = type(outputs)
+    with _install_lock:
+        extended = _OUTPUT_CLASSES.get(base)
+        if extended is None:
+            extended = dataclasses.make_dataclass(
+                f"{base.__name__}WithProcessedLabels",
+                [(PROCESSED_LABELS_FIELD, Any, dataclasses.field(default=None))],
+                bases=(base,),
+                namespace={"__module__": __name__, "__reduce__": _reduce_output},
+            )
+            _OUTPUT_CLASSES[base] = extended
+    return extended(**dict(outputs.items()), **{PROCESSED_LABELS_FIELD: labels})
+
+
+def _reduce_output(outputs: Any) -> tuple[Any, ...]:
+    """Pickle an extended output as its base class's, rebuilt with the field on loading."""
+    items = dict(outputs.items())
+    labels = items.pop(PROCESSED_LABELS_FIELD, None)
+    return _rebuild_output, (type(outputs).__mro__[1], items, labels)
+
+
+def _rebuild_output(base: type, items: dict[str, Any], labels: Tensor | None) -> Any:
+    outputs = base(**items)
+    return outputs if labels is None else _with_processed_labels(outputs, labels)
 
 
 class ProcessedLabelsHandle:
@@ -698,16 +771,72 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
 class AlignedHiddenStates:
     """The final hidden states of a causal LM, its output head, and the labels they align with.
 
-    ``output_head(hidden_states)`` are the logits the full forward would return.
+    ``logits(hidden_states)`` are the logits the full forward would return: the output head,
+    then the model's own transform of them (``logit_transform``, e.g. Gemma's soft cap).
     """
 
     hidden_states: Tensor
     output_head: nn.Module
     labels: Tensor | None
+    logit_transform: Callable[[Tensor], Tensor] | None = None
+
+    def logits(self, hidden_states: Tensor) -> Tensor:
+        """The model's logits at ``hidden_states``."""
+        logits = self.output_head(hidden_states)
+        return logits if self.logit_transform is None else self.logit_transform(logits)
 
 
-# Logit transforms applied after the output head, which a split forward would miss.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+# Logit soft caps, the one transform after the output head that every model spells the same
+# way: logits = tanh(logits / cap) * cap (Gemma 2-4, PaliGemma, RecurrentGemma, ...), read on
+# the model's config and on its text config (Gemma 4 keeps it there).
+_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap")
+# Other transforms of the logits (or of the last hidden states) that models apply around the
+# head, each its own way (Cohere multiplies by `logit_scale`, Granite divides by
+# `logits_scaling`, HyperCLOVAX multiplies by it, MiniCPM3 divides the hidden states...): a
+# model with one of these set is not split (its own forward runs, with a warning).
+_OTHER_TRANSFORMS = (
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "output_multiplier_scale",
+    "logits_mup_width_multiplier",
+)
+
+
+class _SoftCap:
+    """``tanh(logits / cap) * cap``, in float32 (as the models compute it after their head)."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = float(cap)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return torch.tanh(logits / self.cap) * self.cap
+
+
+_NOT_SPLIT = object()
+
+
+def _logit_transform(model: nn.Module) -> Any:
+    """What the model applies to its head's logits: None, a :class:`_SoftCap`, or
+    ``_NOT_SPLIT`` when it applies a transform the split does not reproduce exactly."""
+    config = getattr(model, "config", None)
+    configs = [config]
+    text_config = getattr(config, "get_text_config", None)
+    if callable(text_config):
+        configs.append(text_config())
+    transform = None
+    for holder in configs:
+        if holder is None:
+            continue
+        for name in _OTHER_TRANSFORMS:
+            if getattr(holder, name, None) not in (None, 1, 1.0):
+                return _NOT_SPLIT
+        for name in _SOFT_CAPS:
+            cap = getattr(holder, name, None)
+            if cap is not None:
+                transform = _SoftCap(cap)
+    return transform
 
 
 def _call_with_accepted(module: nn.Module, arguments: Mapping[str, Any]) -> Any:
@@ -763,7 +892,6 @@ def _split_as_fsdp_forward(
     hooks. The gathered head is copied into the result (a head that is an FSDP module of its
     own stays as it is: its hooks gather it at each call), then the root is sharded again.
     """
-    from torch.distributed.fsdp import register_fsdp_forward_method
     from torch.distributed.tensor import DTensor
 
     def split(batch: dict[str, Any]) -> AlignedHiddenStates | None:
@@ -774,10 +902,24 @@ def _split_as_fsdp_forward(
 
     # The data error before FSDP starts a forward that it would then leave unfinished.
     _check_placeholders_have_modality(model, batch)
-    setattr(model, _FSDP_SPLIT_METHOD, split)
+    return run_in_root_forward(model, split, dict(batch))
+
+
+def run_in_root_forward(model: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, run as one forward of ``model`` when it is an FSDP2 root whose
+    parameters are sharded now (``register_fsdp_forward_method``: FSDP gathers the root's
+    parameters for it, then shards them again); otherwise simply called.
+
+    For the work a model does outside its ``forward`` (the split, the prompt embeddings of a
+    decoding loop), which would otherwise meet the root's DTensor parameters."""
+    if not _is_sharded_fsdp_root(model):
+        return function(*args)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(model, _FSDP_SPLIT_METHOD, function)
     try:
         register_fsdp_forward_method(model, _FSDP_SPLIT_METHOD)
-        return getattr(model, _FSDP_SPLIT_METHOD)(dict(batch))
+        return getattr(model, _FSDP_SPLIT_METHOD)(*args)
     finally:
         delattr(model, _FSDP_SPLIT_METHOD)
         model.reshard()
@@ -826,12 +968,12 @@ def _split_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedHiddenS
     """:func:`aligned_hidden_states` of a model whose parameters are all usable as they are."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     backbone = getattr(model, "base_model", None)
-    config = getattr(model, "config", None)
+    transform = _logit_transform(model)
     if (
         not isinstance(head, nn.Linear)
         or not isinstance(backbone, nn.Module)
         or backbone is model
-        or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+        or transform is _NOT_SPLIT
         or callable(getattr(type(model), "_merge_input_ids_with_image_features", None))
     ):
         return None
@@ -853,6 +995,9 @@ def _split_forward(model: nn.Module, batch: Mapping[str, Any]) -> AlignedHiddenS
     hidden_states = _call_with_accepted(backbone, arguments)[0]
     if not isinstance(hidden_states, Tensor) or hidden_states.shape[-1] != head.in_features:
         return None
+    _check_every_row_kept(model, batch, hidden_states.shape[0])
     if labels is not None and labels.shape != hidden_states.shape[:2]:
         return None
-    return AlignedHiddenStates(hidden_states=hidden_states, output_head=head, labels=labels)
+    return AlignedHiddenStates(
+        hidden_states=hidden_states, output_head=head, labels=labels, logit_transform=transform
+    )

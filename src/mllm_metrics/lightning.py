@@ -1,4 +1,12 @@
-"""``MultimodalLMModule``: validate a multimodal LLM against the labels its logits align with."""
+"""``MultimodalLMModule``: validate a multimodal LLM against the labels its logits align with.
+
+A thin Lightning shell over the evaluation core: each validation/test step produces one
+:class:`~mllm_metrics.evaluation.BatchResult` (the model side, :class:`~mllm_metrics.forward.
+EvaluationForward`, plus what only Lightning knows: which rows are the sampler's repeats and
+which data-set samples they are) and hands it to that stage's and dataloader's
+:class:`~mllm_metrics.evaluation.Evaluation`; the metric objects are logged so that Lightning
+syncs, computes and resets them.
+"""
 
 from __future__ import annotations
 
@@ -22,43 +30,15 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from mllm_metrics._warning import MllmMetricsWarning
-from mllm_metrics.chunked import (
-    DEFAULT_LOGITS_CHUNK_SIZE,
-    _check_chunk_size,
-    supervised_head_predictions,
-)
-from mllm_metrics.functional import (
-    _bit_match_rows,
-    _check_token_inputs,
-    _decoded_supervised_spans,
-    _exact_match_rows,
-    _row_nll,
-    causal_shift,
-)
-from mllm_metrics.generation import build_prompts, end_of_sequence_ids, greedy_answers
-from mllm_metrics.grouped import MACRO, GroupedMetric, _check_groups, group_ids
-from mllm_metrics.labels import (
-    AlignedForward,
-    AlignedHiddenStates,
-    _label_producers,
-    aligned_forward,
-    aligned_hidden_states,
-    select_aligned_labels,
-)
-from mllm_metrics.metrics import (
-    BitMatchAccuracy,
-    ExactMatchAccuracy,
-    GeneratedBitMatch,
-    GeneratedExactMatch,
-    TextBitMatchAccuracy,
-    TextExactMatch,
-    TokenNLL,
-    _SumStates,
-    _unchanged_on_error,
-    causal_lm_metrics,
-)
-from mllm_metrics.records import SampleRecords, records_file_name, row_statistics
+from mllm_metrics.chunked import DEFAULT_LOGITS_CHUNK_SIZE
+from mllm_metrics.evaluation import BatchResult, Evaluation
+from mllm_metrics.forward import EvaluationForward, batch_rows
+from mllm_metrics.grouped import _GroupValue
+from mllm_metrics.records import check_records_dir, records_file_name
 from mllm_metrics.repeats import BatchSamples, distributed_sampler_of, track_repeats, tracker_of
+
+__all__ = ["MultimodalLMModule"]
+
 
 __all__ = ["MultimodalLMModule"]
 
@@ -187,29 +167,15 @@ class MultimodalLMModule(pl.LightningModule):
         generate_every_n_validations: int = 1,
     ) -> None:
         super().__init__()
-        if logits_chunk_size is not None:
-            _check_chunk_size(logits_chunk_size)
-        self.logits_chunk_size = logits_chunk_size
-        if (group_key is None) != (groups is None):
-            raise ValueError(
-                "`group_key` and `groups` go together: the key of each row's group in the batch, "
-                f"and the names of all the groups; got group_key={group_key!r}, groups={groups!r}."
-            )
-        self.group_key = group_key
-        self.groups = None if groups is None else _check_groups(groups)
-        self.records_dir = None if records_dir is None else Path(records_dir)
-        _check_generation_arguments(
-            generate_max_new_tokens, limit_generate_batches, generate_every_n_validations
+        self.model_side = EvaluationForward(
+            ignore_index=ignore_index,
+            logits_chunk_size=logits_chunk_size,
+            group_key=group_key,
+            groups=groups,
+            generate_max_new_tokens=generate_max_new_tokens,
+            eos_token_id=eos_token_id,
         )
-        self.generate_max_new_tokens = generate_max_new_tokens
-        self.eos_token_id = eos_token_id
-        self.limit_generate_batches = limit_generate_batches
-        self.generate_every_n_validations = generate_every_n_validations
-        self._generating: dict[str, bool] = {}
-        self._validations = 0
-        self._warned_short = False
-        self._warned_no_end = False
-        self._written: set[Path] = set()
+        _check_generation_schedule(limit_generate_batches, generate_every_n_validations)
         if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
@@ -224,19 +190,21 @@ class MultimodalLMModule(pl.LightningModule):
         self.text_alphabet = text_alphabet
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        if metrics is None:
-            template = causal_lm_metrics(ignore_index)
-        elif isinstance(metrics, MetricCollection):
-            template = metrics
-        else:
-            template = MetricCollection(metrics)
-        # Kept out of the module tree: only its copies hold states that Lightning logs.
-        self._metrics_template = (template,)
-        self.eval_metrics = nn.ModuleDict()
-        self._cannot_split = False
+        self.logits_chunk_size = logits_chunk_size
+        self.group_key = group_key
+        self.groups = self.model_side.groups
+        self.records_dir = None if records_dir is None else Path(records_dir)
+        self.generate_max_new_tokens = generate_max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.limit_generate_batches = limit_generate_batches
+        self.generate_every_n_validations = generate_every_n_validations
+        # Kept out of the module tree: only the evaluations' copies hold states Lightning logs.
+        self._metrics_template = (metrics,)
+        self.evaluations = nn.ModuleDict()
+        self._generating: dict[str, bool] = {}
+        self._validations = 0
         self._log_at_epoch_end: dict[str, bool] = {}
-        self._records: dict[str, SampleRecords] = {}
-        self._rows_seen: dict[str, int] = {}
+        self._group_values: dict[tuple[str, str, str], _GroupValue] = {}
 
     def forward(self, **batch: Any) -> Any:
         """Call the wrapped model."""
@@ -254,28 +222,12 @@ class MultimodalLMModule(pl.LightningModule):
         positions at a time (every position, so the ids can be decoded whole); the logits are
         never kept. ``trainer.predict(module, loader)`` returns one such dict per batch.
         """
-        batch = self._model_batch(batch)
-        split = self._split_forward(batch)
-        if split is None:
-            result = self._full_forward(batch)
-            labels = result.labels
-            ids = result.logits[:, :-1].argmax(dim=-1)
-        else:
-            labels = split.labels
-            hidden = split.hidden_states[:, :-1]
-            chunk = self.logits_chunk_size or hidden.shape[0] * hidden.shape[1] or 1
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            ids = torch.cat(
-                [
-                    split.output_head(flat[i : i + chunk]).argmax(-1)
-                    for i in range(0, len(flat), chunk)
-                ]
-            ).view(hidden.shape[:2])
-        return {"preds": ids, "target": None if labels is None else labels[:, 1:]}
+        preds, target = self.model_side.all_predictions(self.model, batch)
+        return {"preds": preds, "target": target}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """Return the model's own loss, logged as ``train/loss``."""
-        outputs = self.model(**self._model_batch(batch))
+        outputs = self.model(**self.model_side.model_batch(batch))
         loss = (
             outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
         )
@@ -284,7 +236,7 @@ class MultimodalLMModule(pl.LightningModule):
                 f"The model returned no loss (got {type(outputs).__name__} without `loss`). "
                 "Training needs a batch with `labels`, which the model turns into its loss."
             )
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=_batch_size(batch))
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch_rows(batch))
         return loss
 
     def validation_step(
@@ -298,96 +250,71 @@ class MultimodalLMModule(pl.LightningModule):
         self._evaluation_step("test", batch, batch_idx, dataloader_idx)
 
     def setup(self, stage: str) -> None:
-        """Have the trainer's evaluation loaders record which samples each batch holds."""
+        """Have the trainer's evaluation loaders record which samples each batch holds, and
+        check that ``records_dir`` can be written before anything runs."""
         strategy = self.trainer.strategy
-        if not isinstance(vars(strategy).get("process_dataloader"), _TrackRepeats):
-            strategy.process_dataloader = _TrackRepeats(strategy.process_dataloader, self.trainer)
+        if not isinstance(vars(strategy).get("process_dataloader"), _TrackSamples):
+            strategy.process_dataloader = _TrackSamples(strategy.process_dataloader, self.trainer)
+        if self.records_dir is not None:
+            problem = check_records_dir(self.records_dir) if self.trainer.is_global_zero else None
+            problem = strategy.broadcast(problem, src=0)  # every process fails, or none
+            if problem is not None:
+                raise ValueError(problem)
 
     def teardown(self, stage: str) -> None:
         """Undo :meth:`setup` on the trainer's strategy."""
         if self._trainer is not None and isinstance(
-            vars(self.trainer.strategy).get("process_dataloader"), _TrackRepeats
+            vars(self.trainer.strategy).get("process_dataloader"), _TrackSamples
         ):
             del self.trainer.strategy.process_dataloader
 
     def on_validation_epoch_start(self) -> None:
-        """Create the ``val/`` metrics of every dataloader, from zero."""
+        """Create the ``val/`` evaluations of every dataloader, from zero."""
         self._start_epoch("val")
 
     def on_test_epoch_start(self) -> None:
-        """Create the ``test/`` metrics of every dataloader, from zero."""
+        """Create the ``test/`` evaluations of every dataloader, from zero."""
         self._start_epoch("test")
 
     def on_validation_epoch_end(self) -> None:
-        """Log the ``val/`` metric objects (Lightning syncs, computes and resets them) and
+        """Log what is logged at the epoch end (Lightning syncs, computes and resets it) and
         write the records."""
-        self._log_epoch("val")
-        self._write_records("val")
+        self._end_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        """Log the ``test/`` metric objects (Lightning syncs, computes and resets them) and
+        """Log what is logged at the epoch end (Lightning syncs, computes and resets it) and
         write the records."""
-        self._log_epoch("test")
-        self._write_records("test")
+        self._end_epoch("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; subclass to change it."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
 
+    # ---- one batch --------------------------------------------------------------------------
+
     def _evaluation_step(
         self, stage: str, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int
     ) -> None:
-        metrics = self._metrics_for(stage, dataloader_idx)
+        evaluation = self._evaluation(stage, dataloader_idx)
         # Taken before the forward: every batch consumes its record, even one that fails.
         samples = self._batch_samples(stage, dataloader_idx, batch)
-        group = self._group_ids(batch)
-        batch = self._model_batch(batch)
-        split = self._split_forward(batch)
-        with _unchanged_on_error([m for m in metrics.modules() if isinstance(m, Metric)]):
-            if split is None or self.logits_chunk_size is None:
-                if split is None:
-                    result = self._full_forward(batch)
-                    logits, labels = result.logits, result.labels
-                else:  # the whole logits, but no loss of the model's own: one cross-entropy
-                    logits, labels = split.output_head(split.hidden_states), split.labels
-                labels = self._checked_labels(labels, stage, batch, samples.repeated)
-                preds, target = causal_shift(logits, labels)
-                _check_token_inputs(logits[:, :-1], target, self.ignore_index)
-                row_nll = _row_nll(logits[:, :-1], target, self.ignore_index)
-            else:
-                labels = self._checked_labels(split.labels, stage, batch, samples.repeated)
-                chunked = supervised_head_predictions(
-                    split.hidden_states,
-                    split.output_head,
-                    labels,
-                    self.logits_chunk_size,
-                    self.ignore_index,
-                )
-                preds, target, row_nll = chunked.preds, chunked.target, chunked.row_nll
-            supervised = (target != self.ignore_index).sum()
-            metrics["loss"]._update_sums(row_nll.sum(dtype=torch.float64), supervised)
-            metrics["tokens"].update(preds, target)
-            kept = self._recorded_rows(samples, target.shape[0])
-            columns: dict[str, list[Any]] = {}  # record fields of the kept rows
-            if group is not None:
-                self._update_groups(metrics["groups"], preds, target, row_nll, group)
-                columns["group"] = [self.groups[i] for i in group[kept].tolist()]
-            if self.tokenizer is not None:
-                texts = _decoded_supervised_spans(
-                    self.tokenizer, preds, target, self.ignore_index, kept
-                )
-                self._update_text_metrics(metrics["text"], target, kept, texts)
-                columns["prediction"], columns["reference"] = texts
-            if self.generate_max_new_tokens is not None:
-                generating = self._generates(stage, batch_idx, dataloader_idx)
-                columns |= self._free_running(metrics, batch, kept, generating)
-            if self.records_dir is not None:
-                self._add_records(
-                    stage, dataloader_idx, samples, kept, preds, target, row_nll, columns
-                )
+        generate = self._generates(stage, batch_idx, dataloader_idx)
+        result, _ = self.model_side(self.model, batch, generate=generate)
+        evaluation.update(_with_samples(result, samples))
         if not self._log_at_epoch_end.get(stage, False):
-            self._log_metrics(stage, metrics, from_step=True)
+            self._log_scalars(stage, evaluation, from_step=True)
+
+    def _batch_samples(
+        self, stage: str, dataloader_idx: int, batch: Mapping[str, Any]
+    ) -> BatchSamples:
+        tracker = tracker_of(self._loader(stage, dataloader_idx))
+        rows = batch_rows(batch)
+        if tracker is None or rows is None:
+            return BatchSamples(None, None)
+        return tracker.next_batch(rows)
+
+    # ---- generation schedule ----------------------------------------------------------------
 
     def _generates_this_epoch(self, stage: str) -> bool:
         """Whether this evaluation generates: every ``generate_every_n_validations``-th
@@ -419,295 +346,31 @@ class MultimodalLMModule(pl.LightningModule):
             limit = int(limit * total)
         return batch_idx < limit
 
-    def _free_running(
-        self,
-        metrics: nn.ModuleDict,
-        batch: Mapping[str, Any],
-        kept: list[int],
-        generating: bool,
-    ) -> dict[str, list[Any]]:
-        """Generate greedy answers, update the ``gen_*`` metrics; the kept rows' record fields
-        (null where nothing was generated or the row has no answer)."""
-        rows = len(kept)
-        columns: dict[str, list[Any]] = {"gen_exact": [None] * rows}
-        if self.tokenizer is not None:
-            columns["generated"] = [None] * rows
-        if not generating:
-            return columns
-        prompts = build_prompts(batch, self.ignore_index, _pad_token_id(self.model))
-        end_ids = end_of_sequence_ids(self.model, self.eos_token_id)
-        answers = greedy_answers(
-            self.model, batch, prompts, self.generate_max_new_tokens, end_ids, self._lockstep()
-        )
-        counted = [i for i, row in enumerate(kept) if prompts.references[row] is not None]
-        generated = [answers[kept[i]] for i in counted]
-        references = [prompts.references[kept[i]] for i in counted]
-        self._warn_if_too_short(references)
-        self._warn_if_no_end(references, end_ids)
-        collection = metrics["generated"]
-        collection["gen_bit_match"].update(generated, references)
-        collection["gen_exact_match"].update(generated, references)
-        for i, answer, reference in zip(counted, generated, references):
-            columns["gen_exact"][i] = answer == reference
-        if self.tokenizer is not None:
-            decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            expected = self.tokenizer.batch_decode(references, skip_special_tokens=True)
-            collection["gen_text_bit_match"].update(decoded, expected)
-            collection["gen_text_exact_match"].update(decoded, expected)
-            for i, text in zip(counted, decoded):
-                columns["generated"][i] = text
-        return columns
+    # ---- epochs -----------------------------------------------------------------------------
 
-    def _warn_if_too_short(self, references: list[list[int]]) -> None:
-        longest = max(map(len, references), default=0)
-        if longest > self.generate_max_new_tokens and not self._warned_short:
-            self._warned_short = True
-            warnings.warn(
-                f"A reference answer has {longest} tokens but `generate_max_new_tokens` is "
-                f"{self.generate_max_new_tokens}: such answers cannot be generated whole and count "
-                "as misses in the gen_* metrics. Raise `generate_max_new_tokens`.",
-                category=MllmMetricsWarning,
-                stacklevel=2,
-            )
-
-    def _warn_if_no_end(self, references: list[list[int]], end_ids: list[int]) -> None:
-        if self._warned_no_end or all(ref and ref[-1] in end_ids for ref in references):
-            return
-        self._warned_no_end = True
-        warnings.warn(
-            f"A reference answer does not end with an end-of-sequence token {end_ids}: a "
-            "generated answer ends only at one (or after `generate_max_new_tokens`), so such "
-            "rows can match only if the model stops there by chance. Supervise the end token in "
-            "the labels (as Hugging Face's data collators do), or pass `eos_token_id=`.",
-            category=MllmMetricsWarning,
-            stacklevel=2,
-        )
-
-    def _lockstep(self) -> bool:
-        """Whether every process must run the same decoding steps: a sharded model's forward
-        is a collective (FSDP, DeepSpeed ZeRO-3, tensor parallel)."""
-        if self.trainer.world_size == 1:
-            return False
-        return type(self.trainer.strategy).__name__ in _SHARDING_STRATEGIES
-
-    def _model_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The batch without the group key, which is ours, not the model's."""
-        if self.group_key is None or self.group_key not in batch:
-            return batch
-        return {key: value for key, value in batch.items() if key != self.group_key}
-
-    def _group_ids(self, batch: Mapping[str, Any]) -> Tensor | None:
-        if self.group_key is None:
-            return None
-        if self.group_key not in batch:
-            raise ValueError(
-                f"The batch has no {self.group_key!r} (`group_key`); its keys: {sorted(batch)}. "
-                "Every evaluation batch must say which group each row belongs to."
-            )
-        rows = _batch_size(batch)
-        value = batch[self.group_key]
-        return group_ids(value, self.groups, len(value) if rows is None else rows, self.device)
-
-    def _update_groups(
-        self,
-        grouped: nn.ModuleDict,
-        preds: Tensor,
-        target: Tensor,
-        row_nll: Tensor,
-        group: Tensor,
-    ) -> None:
-        correct, supervised = _bit_match_rows(preds, target, self.ignore_index)
-        grouped["bit_match"]._update_rows(correct, supervised, group)
-        grouped["exact_match"]._update_rows(
-            *_exact_match_rows(preds, target, self.ignore_index), group
-        )
-        grouped["loss"]._update_rows(row_nll, supervised, group)
-
-    @staticmethod
-    def _recorded_rows(samples: BatchSamples, rows: int) -> list[int]:
-        """The rows that are samples of the eval set: all but the sampler's repeats."""
-        if samples.repeated is None:
-            return list(range(rows))
-        return [row for row, repeated in enumerate(samples.repeated) if not repeated]
-
-    def _add_records(
-        self,
-        stage: str,
-        dataloader_idx: int,
-        samples: BatchSamples,
-        kept: list[int],
-        preds: Tensor,
-        target: Tensor,
-        row_nll: Tensor,
-        columns: dict[str, list[Any]],
-    ) -> None:
+    def _evaluation(self, stage: str, dataloader_idx: int) -> Evaluation:
         key = f"{stage}_{dataloader_idx}"
-        seen = self._rows_seen.get(key, 0)
-        self._rows_seen[key] = seen + target.shape[0]
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        positions = samples.positions
-        if positions is None or any(positions[row] is None for row in kept):
-            # Where the sampler's order is unknown: this process's order, interleaved as a
-            # DistributedSampler would (one process: the order of the batches).
-            positions = [((seen + row) * world + rank, 0) for row in range(target.shape[0])]
-        rows = torch.tensor(kept, dtype=torch.long, device=target.device)
-        statistics = row_statistics(preds[rows], target[rows], row_nll[rows], self.ignore_index)
-        self._records.setdefault(key, SampleRecords()).add(
-            [positions[r] for r in kept], statistics | columns
-        )
-
-    def _write_records(self, stage: str) -> None:
-        """Write this epoch's records of every dataloader (every process takes part)."""
-        count = self._loader_count(stage)
-        for dataloader_idx in range(count):
-            records = self._records.pop(f"{stage}_{dataloader_idx}", SampleRecords())
-            if self.records_dir is None or self.trainer.sanity_checking:
-                continue
-            name = records_file_name(
-                stage, self.trainer.global_step, dataloader_idx if count > 1 else None
-            )
-            path = self.records_dir / name
-            if path in self._written and self.trainer.is_global_zero:
-                warnings.warn(
-                    f"{path} was written by an earlier evaluation at the same global step (e.g. "
-                    "`trainer.validate` after `fit`): it is overwritten with this one's records.",
-                    category=MllmMetricsWarning,
-                    stacklevel=2,
-                )
-            self._written.add(path)
-            records.write(path)
-
-    def _checked_labels(
-        self,
-        labels: Tensor | None,
-        stage: str,
-        batch: Mapping[str, Any],
-        repeated: list[bool] | None,
-    ) -> Tensor:
-        if labels is None:
-            raise ValueError(
-                f"The {stage} batch has no `labels` (keys: {sorted(batch)}); the metrics compare "
-                "the model's predictions with the labels, so the batch must hold them."
-            )
-        if repeated is None:
-            return labels
-        if len(repeated) != labels.shape[0]:
-            raise ValueError(
-                f"The batch's labels have {labels.shape[0]} rows but the batch holds "
-                f"{len(repeated)} samples: cannot tell which rows are the sampler's repeats."
-            )
-        # A row whose labels are all `ignore_index` counts in no metric: masking removes it.
-        rows = torch.tensor(repeated, device=labels.device)
-        return labels.masked_fill(rows.unsqueeze(1), self.ignore_index)
-
-    def _batch_samples(
-        self, stage: str, dataloader_idx: int, batch: Mapping[str, Any]
-    ) -> BatchSamples:
-        tracker = tracker_of(self._loader(stage, dataloader_idx))
-        rows = _batch_size(batch)
-        if tracker is None or rows is None:
-            return BatchSamples(None, None)
-        return tracker.next_batch(rows)
-
-    def _split_forward(self, batch: Mapping[str, Any]) -> AlignedHiddenStates | None:
-        if self._cannot_split:
-            return None
-        split = aligned_hidden_states(self.model, batch)
-        if split is None:
-            self._cannot_split = True
-            if self.logits_chunk_size is None:
-                return None
-            warnings.warn(
-                f"`logits_chunk_size` is set but {type(self.model).__name__} cannot be run up to "
-                "its hidden states and output head separately (no `get_output_embeddings()` "
-                "Linear head and `base_model`, or a logit transform after the head); using the "
-                "full forward, which holds the whole (batch, seq_len, vocab) logits.",
-                category=MllmMetricsWarning,
-                stacklevel=2,
-            )
-        return split
-
-    def _full_forward(self, batch: Mapping[str, Any]) -> AlignedForward:
-        """The model's forward and its aligned labels; its own loss is not computed when the
-        labels are not needed to align (``val/loss`` computes the cross-entropy once, itself)."""
-        labels = batch.get("labels")
-        if labels is None or not _is_transformers_model(self.model) or _label_producers(self.model):
-            return aligned_forward(self.model, batch)
-        result = aligned_forward(self.model, {k: v for k, v in batch.items() if k != "labels"})
-        result.labels = select_aligned_labels(result.outputs, labels)
-        return result
-
-    def _metrics_for(self, stage: str, dataloader_idx: int) -> nn.ModuleDict:
-        key = f"{stage}_{dataloader_idx}"
-        if key not in self.eval_metrics:
-            metrics = {
-                "loss": TokenNLL(ignore_index=self.ignore_index),
-                "tokens": self._metrics_template[0].clone(prefix=f"{stage}/"),
-            }
-            if self.tokenizer is not None:
-                metrics["text"] = MetricCollection(
-                    {
-                        "text_bit_match": TextBitMatchAccuracy(alphabet=self.text_alphabet),
-                        "text_exact_match": TextExactMatch(),
-                    },
-                    prefix=f"{stage}/",
-                )
-            if self.groups is not None:
-                metrics["groups"], metrics["group_values"] = self._grouped_metrics()
-            if self.generate_max_new_tokens is not None:
-                generated = {
-                    "gen_bit_match": GeneratedBitMatch(),
-                    "gen_exact_match": GeneratedExactMatch(),
-                }
-                if self.tokenizer is not None:
-                    generated["gen_text_bit_match"] = TextBitMatchAccuracy(
-                        alphabet=self.text_alphabet
-                    )
-                    generated["gen_text_exact_match"] = TextExactMatch()
-                metrics["generated"] = MetricCollection(generated, prefix=f"{stage}/")
-            self.eval_metrics[key] = nn.ModuleDict(metrics).to(self.device)
+        if key not in self.evaluations:
+            self.evaluations[key] = Evaluation(
+                self._metrics_template[0],
+                ignore_index=self.ignore_index,
+                nll_key="loss",
+                tokenizer=self.tokenizer,
+                text_alphabet=self.text_alphabet,
+                groups=self.groups,
+                generation=self.generate_max_new_tokens is not None,
+                records=self.records_dir is not None,
+            ).to(self.device)
             # Lightning caches where each logged Metric lives; new metrics need a fresh cache.
             self._metric_attributes = None
-        return self.eval_metrics[key]
-
-    def _grouped_metrics(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
-        """The per-group sums, and one loggable value per logged key (group names may hold
-        characters a module name cannot, so the values are named by position)."""
-        grouped = nn.ModuleDict(
-            {
-                "bit_match": GroupedMetric(BitMatchAccuracy(self.ignore_index), self.groups),
-                "exact_match": GroupedMetric(ExactMatchAccuracy(self.ignore_index), self.groups),
-                "loss": GroupedMetric(TokenNLL(self.ignore_index), self.groups),
-            }
-        )
-        values = {}
-        for name, metric in grouped.items():
-            keys = list(self.groups) + ([MACRO] if name != "loss" else [])
-            for position, key in enumerate(keys):
-                values[f"{name}_{position}"] = _GroupValue(metric, key, f"{name}/{key}")
-        return grouped, nn.ModuleDict(values)
-
-    def _update_text_metrics(
-        self,
-        metrics: MetricCollection,
-        target: Tensor,
-        rows: list[int],
-        texts: tuple[list[str], list[str]],
-    ) -> None:
-        """Update with the decoded spans of the rows that have a supervised label."""
-        has_label = (target != self.ignore_index).any(dim=1)[rows].tolist()
-        predicted, expected = texts
-        metrics.update(
-            [text for text, keep in zip(predicted, has_label) if keep],
-            [text for text, keep in zip(expected, has_label) if keep],
-        )
+        return self.evaluations[key]
 
     def _start_epoch(self, stage: str) -> None:
         self._log_at_epoch_end[stage] = not self._every_process_has_every_loader(stage)
         self._generating[stage] = self._generates_this_epoch(stage)
         strategy = self.trainer.strategy
         if self.trainer.world_size > 1 and not isinstance(
-            vars(strategy).get("process_dataloader"), _TrackRepeats
+            vars(strategy).get("process_dataloader"), _TrackSamples
         ):
             warnings.warn(
                 f"{type(self).__name__}.setup() did not run (a subclass overrides `setup` without "
@@ -717,38 +380,64 @@ class MultimodalLMModule(pl.LightningModule):
                 stacklevel=2,
             )
         for dataloader_idx in range(self._loader_count(stage)):
-            for metric in self._metrics_for(stage, dataloader_idx).modules():
-                if isinstance(metric, Metric):
-                    metric.reset()
-            self._records.pop(f"{stage}_{dataloader_idx}", None)
-            self._rows_seen.pop(f"{stage}_{dataloader_idx}", None)
+            self._evaluation(stage, dataloader_idx).reset()
 
-    def _log_epoch(self, stage: str) -> None:
-        if not self._log_at_epoch_end.get(stage, False):
-            return
+    def _end_epoch(self, stage: str) -> None:
         count = self._loader_count(stage)
         for dataloader_idx in range(count):
+            evaluation = self._evaluation(stage, dataloader_idx)
             suffix = f"/dataloader_idx_{dataloader_idx}" if count > 1 else ""
-            self._log_metrics(stage, self._metrics_for(stage, dataloader_idx), suffix=suffix)
+            if self._log_at_epoch_end.get(stage, False):
+                self._log_scalars(stage, evaluation, suffix=suffix)
+            self._log_groups(stage, dataloader_idx, evaluation, suffix)
+            self._write_records(stage, dataloader_idx if count > 1 else None, evaluation)
 
-    def _log_metrics(
-        self, stage: str, metrics: nn.ModuleDict, suffix: str = "", from_step: bool = False
+    def _log_scalars(
+        self, stage: str, evaluation: Evaluation, suffix: str = "", from_step: bool = False
     ) -> None:
-        """Log the metric objects: from a step (Lightning adds the dataloader suffix), or at the
-        epoch end with ``suffix``."""
+        """Log the metric objects of the scalar values: from a step (Lightning adds the
+        dataloader suffix), or at the epoch end with ``suffix``."""
         options = {"on_step": False, "on_epoch": True, "add_dataloader_idx": from_step}
-        self.log(f"{stage}/loss{suffix}", metrics["loss"], prog_bar=True, **options)
-        for name, metric in metrics["tokens"].items():  # bit-match and exact-match in the bar
-            self.log(f"{name}{suffix}", metric, prog_bar=True, **options)
-        if "text" in metrics:
-            for name, metric in metrics["text"].items():
-                self.log(f"{name}{suffix}", metric, **options)
-        if "group_values" in metrics:
-            for value in metrics["group_values"].values():
-                self.log(f"{stage}/{value.name}{suffix}", value, **options)
-        if "generated" in metrics and self._generating.get(stage, False):
-            for name, metric in metrics["generated"].items():
-                self.log(f"{name}{suffix}", metric, **options)
+        shown = {"loss", "bit_match", "exact_match"}  # in the progress bar
+        generated = self._generating.get(stage, False)
+        scalars = evaluation.scalar_metrics(generated)
+        for key in sorted(scalars, key=lambda key: key != "loss"):  # val/loss first, as before
+            self.log(f"{stage}/{key}{suffix}", scalars[key], prog_bar=key in shown, **options)
+
+    def _log_groups(
+        self, stage: str, dataloader_idx: int, evaluation: Evaluation, suffix: str
+    ) -> None:
+        """Log each group's values once, at the epoch end, for the groups that have data.
+
+        The grouped metrics are computed here (one sync each, on every process; torchmetrics
+        caches the value); each logged value reads that cache, so thousands of groups cost no
+        per-step logging and no further sync.
+        """
+        if evaluation.grouped is None:
+            return
+        options = {"on_step": False, "on_epoch": True, "add_dataloader_idx": False}
+        for name, grouped in evaluation.grouped.items():
+            for key in grouped.compute():
+                if key == "macro" and name == evaluation.nll_key:
+                    continue
+                index = (f"{stage}_{dataloader_idx}", name, key)
+                value = self._group_values.get(index)
+                if value is None or value._grouped[0] is not grouped:
+                    value = self._group_values[index] = _GroupValue(grouped, key)
+                attribute = f"evaluations.{index[0]}.grouped.{name}"
+                self.log(
+                    f"{stage}/{name}/{key}{suffix}", value, metric_attribute=attribute, **options
+                )
+
+    def _write_records(
+        self, stage: str, dataloader_idx: int | None, evaluation: Evaluation
+    ) -> None:
+        """Write this epoch's records (every process takes part: process 0 gathers)."""
+        if self.records_dir is None or self.trainer.sanity_checking:
+            evaluation.clear_records()
+            return
+        name = records_file_name(stage, self.trainer.global_step, dataloader_idx)
+        evaluation.write_records(self.records_dir / name)
 
     def _every_process_has_every_loader(self, stage: str) -> bool:
         """Whether every process gets at least one batch of each loader that has data.
@@ -781,33 +470,27 @@ class MultimodalLMModule(pl.LightningModule):
         return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
 
 
-class _GroupValue(_SumStates):
-    """One value of a :class:`~mllm_metrics.GroupedMetric` as a metric object Lightning can log.
-
-    It has no state of its own: its ``compute()`` is the grouped metric's (synced once, then
-    cached by torchmetrics until the next update or reset) at ``key``.
-    """
-
-    full_state_update = False
-
-    def __init__(self, grouped: GroupedMetric, key: str, name: str) -> None:
-        super().__init__()
-        self._grouped = (grouped,)  # not a child: its states are logged through this value only
-        self.key = key
-        self.name = name
-
-    def update(self) -> None:
-        """Nothing to add: the grouped metric is updated."""
-
-    def compute(self) -> Tensor:
-        """The grouped metric's value at ``key``."""
-        return self._grouped[0].compute()[self.key]
+def _with_samples(result: BatchResult, samples: BatchSamples) -> BatchResult:
+    """The batch's result with what the loader knows of its rows: which are the sampler's
+    repeats, and which data-set samples the others are."""
+    if samples.repeated is not None:
+        if len(samples.repeated) != result.rows:
+            raise ValueError(
+                f"The batch's labels have {result.rows} rows but the batch holds "
+                f"{len(samples.repeated)} samples: cannot tell which rows are the sampler's "
+                "repeats."
+            )
+        result.samples = ~torch.tensor(samples.repeated, device=result.target.device)
+    if samples.keys is not None and len(samples.keys) == result.rows:
+        result.keys = samples.keys
+    return result
 
 
-class _TrackRepeats:
+class _TrackSamples:
     """``Strategy.process_dataloader`` followed by :func:`~mllm_metrics.repeats.track_repeats`
-    on the evaluation loaders of a distributed run: the last step before Lightning iterates a
-    loader, so its index sampler records every batch from the first."""
+    on the evaluation loaders: the last step before Lightning iterates a loader, so its index
+    sampler records every batch from the first (their data-set indices, and under DDP the
+    padding's repeats)."""
 
     def __init__(self, process_dataloader: Any, trainer: pl.Trainer) -> None:
         self.process_dataloader = process_dataloader
@@ -816,8 +499,11 @@ class _TrackRepeats:
     def __call__(self, dataloader: object) -> object:
         dataloader = self.process_dataloader(dataloader)
         stage = self.trainer.state.stage
-        if self.trainer.world_size > 1 and stage in _EVALUATION_STAGES:
-            dataloader, _ = track_repeats(dataloader, f"a {_EVALUATION_STAGES[stage]} dataloader")
+        if stage in _EVALUATION_STAGES:
+            description = f"a {_EVALUATION_STAGES[stage]} dataloader"
+            dataloader, _ = track_repeats(
+                dataloader, description, distributed=self.trainer.world_size > 1
+            )
         return dataloader
 
 
@@ -828,22 +514,7 @@ _EVALUATION_STAGES = {
 }
 
 
-#: Lightning strategies whose model forward is a collective across processes.
-_SHARDING_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
-
-
-def _check_generation_arguments(
-    max_new_tokens: int | None, limit_batches: int | float, every_n: int
-) -> None:
-    if max_new_tokens is not None and (
-        not isinstance(max_new_tokens, int)
-        or isinstance(max_new_tokens, bool)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(
-            "Expected `generate_max_new_tokens` to be a positive int or None, got "
-            f"{max_new_tokens!r}."
-        )
+def _check_generation_schedule(limit_batches: int | float, every_n: int) -> None:
     if isinstance(limit_batches, bool) or not (
         (isinstance(limit_batches, int) and limit_batches >= 0)
         or (isinstance(limit_batches, float) and 0.0 <= limit_batches <= 1.0)
@@ -856,22 +527,3 @@ def _check_generation_arguments(
         raise ValueError(
             f"Expected `generate_every_n_validations` to be a positive int, got {every_n!r}."
         )
-
-
-def _pad_token_id(model: nn.Module) -> int:
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return pad if isinstance(pad, int) else 0
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    """A Hugging Face model: it computes a loss only when given labels and never rewrites them
-    unless it has a label-producing method (Llava before 4.45)."""
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int | None:
-    for key in ("labels", "input_ids"):
-        value = batch.get(key)
-        if isinstance(value, Tensor):
-            return value.shape[0]
-    return None

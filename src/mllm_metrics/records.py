@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.functional import _bit_match_rows, _exact_match_rows
 
-__all__ = ["SampleRecords", "records_file_name", "row_statistics"]
+__all__ = ["SampleRecords", "check_records_dir", "records_file_name", "row_statistics"]
 
 #: The fields every record has, first, in this order.
 RECORD_FIELDS = ("index", "supervised_tokens", "correct_tokens", "exact", "nll")
@@ -57,6 +59,36 @@ def records_file_name(
     """
     suffix = "" if dataloader_idx is None else f"_dl{dataloader_idx}"
     return f"{stage}_{'call' if counter else 'step'}{step:07d}{suffix}.jsonl"
+
+
+def check_records_dir(path: Path) -> str | None:
+    """Why records cannot be written to ``path`` (created if missing), or None when they can.
+
+    Checked before an evaluation runs, so that a bad ``records_dir`` is an error at set-up,
+    not a crash at the first evaluation after hours of training.
+    """
+    probe = Path(path) / f".mllm-metrics-write-check-{os.getpid()}"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as error:
+        return (
+            f"`records_dir` {str(path)!r} cannot be written: {error}. Per-sample records are "
+            "written there after every evaluation; pass a directory this process can create and "
+            "write, or `records_dir=None`."
+        )
+    return None
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``<stem>-2.jsonl``, ``-3``... when an earlier evaluation wrote it (a second
+    evaluation at the same step: ``validate()`` after ``fit()``, two eval sets, a rerun)."""
+    candidate, repeat = path, 1
+    while candidate.exists():
+        repeat += 1
+        candidate = path.with_name(f"{path.stem}-{repeat}{path.suffix}")
+    return candidate
 
 
 def row_statistics(
@@ -147,10 +179,12 @@ class SampleRecords:
 
         With ``gather`` every process must call this (it is a collective when
         ``torch.distributed`` is initialized); without, this process writes what it holds. The
-        samples are then forgotten.
+        samples are then forgotten. A file is never overwritten: when ``path`` exists (a second
+        evaluation at the same step), ``<stem>-2.jsonl`` is written, and so on. A write that
+        fails (a full disk) leaves no partial file and warns instead of raising.
 
         Returns:
-            ``path`` on the process that wrote it, None on the others.
+            the path written, on the process that wrote it; None on the others or on failure.
 
         """
         fields, samples = self._fields, self._samples
@@ -169,11 +203,22 @@ class SampleRecords:
             return None
         samples.sort(key=lambda sample: sample[0])
         names = ("index", *(fields or ()))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = _free_path(path)
         partial = path.with_name(path.name + ".partial")
-        with partial.open("w", encoding="utf-8") as file:
-            for index, (_, *values) in enumerate(samples):
-                record = dict(zip(names, (index, *values)))
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(partial, path)  # a reader never sees half a file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("w", encoding="utf-8") as file:
+                for index, (_, *values) in enumerate(samples):
+                    record = dict(zip(names, (index, *values)))
+                    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            os.replace(partial, path)  # a reader never sees half a file
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            warnings.warn(
+                f"The records of this evaluation could not be written to {path} ({error}); the "
+                "metrics are not affected. Free some space or choose another `records_dir`.",
+                category=MllmMetricsWarning,
+                stacklevel=2,
+            )
+            return None
         return path

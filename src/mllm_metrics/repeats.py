@@ -1,4 +1,5 @@
-"""Which rows of an evaluation batch are a padding ``DistributedSampler``'s repeated samples.
+"""Which sample each row of an evaluation batch is, and which rows are a padding
+``DistributedSampler``'s repeated samples.
 
 ``DistributedSampler(drop_last=False)`` pads the index list with repeats so that every process
 gets as many samples; counting those rows would count their samples twice. A repeat is
@@ -9,8 +10,10 @@ one, ``batch_size=None`` over pre-collated items), shuffling or worker count sit
 A row is a repeat exactly when its index is in that set (a padding index never also reaches the
 same process as a real sample).
 
-The same record places each real sample in the sampler's order over all processes, so the
-per-sample records of every process merge into the order one process would see them.
+The same record gives each real sample its data-set index (the value its index sampler
+yielded; with pre-collated items, ``batch_size=None``, the item's index and the row within it),
+on one process as on several: per-sample records are sorted by it, so the files of 1 and of N
+processes are the same, whatever batch sampler reorders the batches.
 
 :func:`track_repeats` returns a shallow copy of an evaluation ``DataLoader`` whose index
 sampler records; the user's loader is left as it is. Where repeats cannot be identified, or
@@ -42,6 +45,11 @@ _EXACTNESS = "so the metrics synced over the processes may not equal a single-pr
 
 def _warn(message: str) -> None:
     warnings.warn(message, MllmMetricsWarning, stacklevel=3)
+
+
+def _quiet(message: str) -> None:
+    """On one process nothing is repeated: a loader whose samples are unknown is numbered as
+    its batches arrive, which is its order."""
 
 
 def distributed_sampler_of(loader: object) -> DistributedSampler | None:
@@ -108,43 +116,41 @@ class _RecordingIndexSampler(Sampler):
 class BatchSamples(NamedTuple):
     """What :meth:`RepeatTracker.next_batch` knows of one batch's rows."""
 
-    #: Per row, ``(position, row)``: ``position`` is the sample's place in the sampler's order
-    #: over all processes (process ``r``'s ``k``-th sample is at ``r + k * num_replicas``, the
-    #: place it has when one process iterates the same order), ``row`` its row within a
-    #: pre-collated item (0 otherwise); None where unknown, and for a repeat.
-    positions: list[tuple[int, int] | None] | None
+    #: Per row, its place in the data set, ``(index, row)``: ``index`` is the data-set index the
+    #: loader's index sampler yielded for it, ``row`` its row within a pre-collated item (0
+    #: otherwise); None where unknown, and for a repeat.
+    keys: list[tuple[Any, int] | None] | None
     #: Per row, whether it is a repeated sample; None when no row is (or it is unknown).
     repeated: list[bool] | None
 
 
 class RepeatTracker:
-    """Knows, for each batch of one evaluation loader, which rows are repeated samples and where
-    each sample stands in the sampler's order over all processes.
+    """Knows, for each batch of one evaluation loader, which data-set samples its rows are and
+    which of them a padding ``DistributedSampler`` repeated.
 
     Created by :func:`track_repeats`. :meth:`next_batch` is called once per batch, in order.
     """
 
-    def __init__(self, sampler: DistributedSampler, batched: bool, description: str) -> None:
+    def __init__(self, sampler: DistributedSampler | None, batched: bool, description: str) -> None:
+        #: The loader's DistributedSampler; None on one process (nothing is repeated then).
         self.sampler = sampler
         self.batched = batched
         self.description = description
         self._record: deque[Any] = deque()
-        self._repeats: frozenset[Any] | None = None
-        self._order: list[Any] | None = None
-        self._positions: dict[Any, int] | None = None
+        self._repeats: frozenset[Any] | None = frozenset()
         self._warned = False
 
     def _start(self) -> deque[Any]:
         self._record = deque()
-        self._repeats = None
-        self._order = None
-        self._positions = None
+        self._repeats = frozenset() if self.sampler is None else None
         return self._record
 
     def _fix_repeats(self) -> None:
         """Read this iteration's padding from the sampler, once its iteration has begun (its
         epoch, and the order a wrapped sampler drew, are then those of the batches recorded);
         None when the sampler orders its indices in an unknown way."""
+        if self.sampler is None:
+            return
         order = _rank_order(self.sampler)
         if order is None:
             self._repeats = None
@@ -152,16 +158,6 @@ class RepeatTracker:
         sampler = self.sampler
         real = max(0, -(-(len(sampler.dataset) - sampler.rank) // sampler.num_replicas))
         self._repeats = frozenset(order[real:])
-        self._order = order[:real]
-
-    def _position(self, index: Any) -> int | None:
-        """Where a real sample of this process stands in the sampler's order over all processes."""
-        if self._positions is None:  # built on first use: only records need positions
-            sampler, order = self.sampler, self._order or []
-            self._positions = {
-                index: sampler.rank + k * sampler.num_replicas for k, index in enumerate(order)
-            }
-        return self._positions.get(index)
 
     def _cannot_identify(self, cause: str) -> None:
         if not self._warned:
@@ -172,13 +168,14 @@ class RepeatTracker:
             )
 
     def next_batch(self, rows: int) -> BatchSamples:
-        """Which of the next batch's ``rows`` rows are repeats, and where its samples stand."""
+        """Which samples the next batch's ``rows`` rows are, and which of them are repeats."""
         unknown = BatchSamples(None, None)
         if not self._record:
-            self._cannot_identify(
-                "a batch arrived that the loader's index sampler did not record (was the loader "
-                "iterated before the evaluation started, or with `in_order=False`?)"
-            )
+            if self.sampler is not None:
+                self._cannot_identify(
+                    "a batch arrived that the loader's index sampler did not record (was the "
+                    "loader iterated before the evaluation started, or with `in_order=False`?)"
+                )
             return unknown
         entry = self._record.popleft()
         repeats = self._repeats
@@ -191,20 +188,17 @@ class RepeatTracker:
         if not self.batched:  # `batch_size=None`: one index per item, a whole pre-collated batch
             if entry in repeats:
                 return BatchSamples([None] * rows, [True] * rows)
-            position = self._position(entry)
-            if position is None:
-                return BatchSamples(None, None)
-            return BatchSamples([(position, row) for row in range(rows)], None)
+            return BatchSamples([(entry, row) for row in range(rows)], None)
         entry = list(entry)
         if len(entry) != rows:
-            self._cannot_identify(
-                f"a batch of {len(entry)} dataset indices became {rows} rows after collation"
-            )
+            if self.sampler is not None:
+                self._cannot_identify(
+                    f"a batch of {len(entry)} dataset indices became {rows} rows after collation"
+                )
             return unknown
         flags = [index in repeats for index in entry]
-        places = [None if flag else self._position(index) for index, flag in zip(entry, flags)]
-        positions = [None if place is None else (place, 0) for place in places]
-        return BatchSamples(positions, flags if any(flags) else None)
+        keys = [None if flag else (index, 0) for index, flag in zip(entry, flags)]
+        return BatchSamples(keys, flags if any(flags) else None)
 
 
 def tracker_of(loader: object) -> RepeatTracker | None:
@@ -216,32 +210,39 @@ def tracker_of(loader: object) -> RepeatTracker | None:
     return None
 
 
-def track_repeats(loader: object, description: str) -> tuple[object, RepeatTracker | None]:
-    """Prepare an evaluation loader of a distributed run so its repeated samples are known.
+def track_repeats(
+    loader: object, description: str, distributed: bool = True
+) -> tuple[object, RepeatTracker | None]:
+    """Prepare an evaluation loader so that each batch's samples (and repeats) are known.
 
     Args:
         loader: the evaluation loader as the trainer will iterate it (its ``DistributedSampler``
-            already in place).
+            already in place when ``distributed``).
         description: how to name the loader in warnings, e.g. ``"val dataloader 0"``.
+        distributed: the loader is one process's share of a distributed evaluation: its
+            ``DistributedSampler`` pads it with repeats, and a loader whose repeats cannot be
+            identified (or that drops samples) gets a warning. On one process, only the data-set
+            indices are recorded, silently.
 
     Returns:
         ``(loader_to_iterate, tracker)``: a shallow copy of ``loader`` whose index sampler
-        records each batch's dataset indices, and its tracker; or ``(loader, None)`` when
-        repeats cannot be identified (after a warning that says why).
+        records each batch's dataset indices, and its tracker; or ``(loader, None)`` when they
+        cannot be known (after a warning that says why, when ``distributed``).
 
     """
+    warn = _warn if distributed else _quiet
     if not isinstance(loader, DataLoader):
-        _warn(f"{description} is a {type(loader).__name__}, not a DataLoader; {_EXACTNESS}.")
+        warn(f"{description} is a {type(loader).__name__}, not a DataLoader; {_EXACTNESS}.")
         return loader, None
     if isinstance(loader.dataset, IterableDataset):
-        _warn(
+        warn(
             f"{description} iterates an IterableDataset, whose shards across processes may "
             f"overlap or be uneven, {_EXACTNESS}. Give each process a disjoint shard, or use a "
             "map-style data set with a DistributedSampler."
         )
         return loader, None
-    sampler = distributed_sampler_of(loader)
-    if sampler is None:
+    sampler = distributed_sampler_of(loader) if distributed else None
+    if distributed and sampler is None:
         _warn(
             f"{description} has no DistributedSampler (its sampler is "
             f"{type(loader.sampler).__name__}), so each process may see the whole data set or "
@@ -249,23 +250,24 @@ def track_repeats(loader: object, description: str) -> tuple[object, RepeatTrack
             "`use_distributed_sampler=True`, or pass a DistributedSampler."
         )
         return loader, None
-    dataset_size = len(sampler.dataset)
-    if sampler.drop_last and dataset_size % sampler.num_replicas:
-        _warn(
-            f"{description}'s DistributedSampler has `drop_last=True`: it leaves out "
-            f"{dataset_size % sampler.num_replicas} of the {dataset_size} samples, {_EXACTNESS}. "
-            "Use `drop_last=False` for evaluation."
-        )
     batch_sampler = loader.batch_sampler
-    if batch_sampler is not None and getattr(batch_sampler, "drop_last", False):
-        batch_size = getattr(batch_sampler, "batch_size", None)
-        if not batch_size or sampler.num_samples % batch_size:
+    if sampler is not None:
+        dataset_size = len(sampler.dataset)
+        if sampler.drop_last and dataset_size % sampler.num_replicas:
             _warn(
-                f"{description} drops its last incomplete batch (`drop_last=True`), leaving "
-                f"out samples, {_EXACTNESS}. Use `drop_last=False` for evaluation."
+                f"{description}'s DistributedSampler has `drop_last=True`: it leaves out "
+                f"{dataset_size % sampler.num_replicas} of the {dataset_size} samples, "
+                f"{_EXACTNESS}. Use `drop_last=False` for evaluation."
             )
+        if batch_sampler is not None and getattr(batch_sampler, "drop_last", False):
+            batch_size = getattr(batch_sampler, "batch_size", None)
+            if not batch_size or sampler.num_samples % batch_size:
+                _warn(
+                    f"{description} drops its last incomplete batch (`drop_last=True`), leaving "
+                    f"out samples, {_EXACTNESS}. Use `drop_last=False` for evaluation."
+                )
     if getattr(loader, "in_order", True) is False and loader.num_workers > 0:
-        _warn(
+        warn(
             f"{description} has `in_order=False`: its workers may deliver batches out of order, "
             f"so repeated samples cannot be matched to their batches, {_EXACTNESS}."
         )
