@@ -50,15 +50,16 @@ def _write(directory: Path, name: str, records: list[dict]) -> Path:
     return path
 
 
-# val, three steps, two groups. Step 300 against step 200: index 0 and 4 go right -> wrong,
-# index 1 wrong -> right, index 2 stays wrong, index 3 has no supervised token (exact null),
-# index 5 is new at step 300 (nothing to compare it with).
+# val, three steps, two groups, the same six samples at each step (the same supervised tokens,
+# reference and group per index). Step 300 against step 200: index 0 and 4 go right -> wrong,
+# index 1 wrong -> right, index 2 and 5 stay wrong, index 3 has no supervised token (exact null).
 VAL_100 = [
     _record(0, "few", 4, 1, False, 5.0, "0000", "0111"),
     _record(1, "few", 4, 2, False, 4.0, "0001", "1011"),
     _record(2, "many", 8, 4, False, 8.0),
     _record(3, "many", 0, 0, None, 0.0),
-    _record(4, "many", 8, 4, False, 7.0),
+    _record(4, "many", 8, 4, False, 7.0, "00000000", "01010101"),
+    _record(5, "few", 6, 3, False, 6.0, "000000", "010101"),
 ]
 VAL_200 = [
     _record(0, "few", 4, 4, True, 0.2, "0111", "0111"),
@@ -66,6 +67,7 @@ VAL_200 = [
     _record(2, "many", 8, 6, False, 3.0),
     _record(3, "many", 0, 0, None, 0.0),
     _record(4, "many", 8, 8, True, 0.5, "01010101", "01010101"),
+    _record(5, "few", 6, 4, False, 4.5, "000111", "010101"),
 ]
 VAL_300 = [
     _record(0, "few", 4, 2, False, 2.5, "0100", "0111"),
@@ -153,7 +155,9 @@ def test_a_bad_line_names_the_file_and_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: 'exact' must be true, false or null"):
         load_records(tmp_path)
     path.write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match=r"line 1: expected a JSON object, got list"):
+    with pytest.raises(
+        ValueError, match=r"line 1: expected a JSON object \(one record\), got list"
+    ):
         load_records(tmp_path)
 
 
@@ -242,9 +246,10 @@ def test_metrics_table_rows(records_dir):
     assert by_key[("300", "many")] == ["3", f"{13 / 16:.3f}", "0.000", f"{3.6 / 16:.3f}"]
     macro_bit = (9 / 14 + 13 / 16) / 2
     assert by_key[("300", "macro")][1] == f"{macro_bit:.3f}"
-    # Step 100: few 3/8 tokens, no exact; many 8/16 tokens.
-    assert by_key[("100", "all")] == ["5", f"{11 / 24:.3f}", "0.000", f"{24 / 24:.3f}"]
-    assert by_key[("200", "all")][2] == f"{2 / 4:.3f}"
+    # Step 100: correct 1+2+4+0+4+3 of 4+4+8+0+8+6 tokens, no exact, NLL 5+4+8+0+7+6.
+    assert by_key[("100", "all")] == ["6", f"{14 / 30:.3f}", "0.000", f"{30 / 30:.3f}"]
+    # Step 200: index 0 and 4 right of the 5 with an exact (index 3 is null).
+    assert by_key[("200", "all")][2] == f"{2 / 5:.3f}"
     steps = [row[0] for row in val[: 3 * 4]]
     assert steps == ["100"] * 4 + ["200"] * 4 + ["300"] * 4
     dl1 = _table_rows(_section(text, "val, dataloader 1"))
@@ -266,15 +271,36 @@ def test_undefined_ratios_show_a_dash(tmp_path):
 
 
 def test_worst_samples_of_the_last_step(records_dir):
-    val = _section(format_report(load_records(records_dir), worst=4), "val")
+    val = _section(format_report(load_records(records_dir), worst=3), "val")
     worst = val[val.index("Worst") : val.index("flipped")]
-    assert worst.startswith("Worst 4 of 5 samples at step 300")  # index 3: no token
+    # Step 300: index 0, 2, 4, 5 have a wrong token; index 1 (4/4) is all right and index 3
+    # has no supervised token.
+    assert worst.startswith(
+        "Worst 3 of the 4 samples with an error at step 300 (lowest share of correct tokens "
+        "first, then highest NLL); 1 of the 5 samples with supervised tokens is all right:"
+    )
     rows = _table_rows(worst)
     # Shares: index 5 3/6 and index 0 2/4 tie at 1/2, index 5 has the higher NLL (4.0 > 2.5);
-    # then index 2 (6/8), index 4 (7/8); index 1 (4/4) is fifth and cut.
-    assert [row[0] for row in rows] == ["5", "0", "2", "4"]
+    # then index 2 (6/8); index 4 (7/8) is fourth and cut.
+    assert [row[0] for row in rows] == ["5", "0", "2"]
     assert rows[0] == ["5", "few", "3/6", f"{3 / 6:.3f}", "4.000", "000111", "010101"]
     assert rows[2] == ["2", "many", "6/8", f"{6 / 8:.3f}", "2.000", "", ""]
+    # With room for ten, only the four with an error are listed: index 1 is all right.
+    val = _section(format_report(load_records(records_dir), worst=10), "val")
+    rows = _table_rows(val[val.index("Worst") : val.index("flipped")])
+    assert [row[0] for row in rows] == ["5", "0", "2", "4"]
+    assert val[val.index("Worst") :].startswith("Worst 4 of the 4 samples with an error")
+
+
+def test_worst_says_when_every_sample_is_right(tmp_path):
+    _write(tmp_path, "val_step0000001.jsonl", [VAL_200[0], VAL_200[3], VAL_200[4]])
+    text = format_report(load_records(tmp_path))
+    # Index 0 (4/4) and 4 (8/8) are right; index 3 has no supervised token.
+    assert (
+        "No sample with an error at step 1: 2 of the 2 samples with supervised tokens are all "
+        "right." in text
+    )
+    assert "Worst" not in text
 
 
 def test_flips_between_the_last_two_steps(records_dir):
@@ -304,7 +330,11 @@ def test_flip_lists_are_capped(records_dir):
     assert "more" not in val[val.index("wrong -> right") :]
     counts_only = _section(format_report(load_records(records_dir), worst=0), "val")
     assert "right -> wrong: 2" in counts_only and "... and 2 more" in counts_only
-    assert "Worst 0 of 5 samples" in counts_only
+    assert (
+        "4 samples with an error at step 300 (1 of the 5 samples with supervised tokens is all "
+        "right); none listed (worst 0)." in counts_only
+    )
+    assert "| index |" not in counts_only
 
 
 def test_one_step_says_there_is_nothing_to_compare(records_dir):
@@ -354,8 +384,9 @@ def test_plot_draws_one_line_per_group_and_all(records_dir, tmp_path, monkeypatc
     assert labels == ["eval (calls): all", "val: all", "val: few", "val: many", "val dl1: all"]
     val_all = bit_ax.lines[1]
     assert list(val_all.get_xdata()) == [100, 200, 300]
-    assert list(val_all.get_ydata()) == pytest.approx([11 / 24, 21 / 24, 22 / 30])
-    assert list(exact_ax.lines[2].get_ydata()) == pytest.approx([0 / 2, 1 / 2, 1 / 3])
+    assert list(val_all.get_ydata()) == pytest.approx([14 / 30, 25 / 30, 22 / 30])
+    # few: index 0, 1, 5; right at step 100: none; at 200: index 0; at 300: index 1.
+    assert list(exact_ax.lines[2].get_ydata()) == pytest.approx([0 / 3, 1 / 3, 1 / 3])
     assert [ax.get_title() for ax in fig.axes] == ["bit-match (tokens)", "exact-match (samples)"]
 
 
@@ -376,29 +407,34 @@ def test_cli_options(records_dir, tmp_path, capsys):
     assert main(["report", str(records_dir), "--worst", "1", "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "Plot:" not in out and not (records_dir / "report.png").exists()
-    assert "Worst 1 of 5 samples at step 300" in out
+    assert "Worst 1 of the 4 samples with an error at step 300" in out
     pytest.importorskip("matplotlib")
     png = tmp_path / "elsewhere.png"
     assert report_main([str(records_dir), "--plot", str(png)]) == 0
     assert f"Plot: {png}" in capsys.readouterr().out and png.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "bad"])
+@pytest.mark.parametrize("case", ["missing", "empty"])
 def test_cli_errors_are_one_line(tmp_path, capsys, case):
     path = tmp_path / "absent" if case == "missing" else tmp_path
-    if case == "bad":
-        (tmp_path / "val_step0000001.jsonl").write_text('{"index": 0,\n')
     assert main(["report", str(path)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mllm-metrics report: ")
-    expected = {
-        "missing": "No records directory",
-        "empty": "no records file",
-        "bad": "val_step0000001.jsonl, line 1",
-    }
+    expected = {"missing": "No records directory", "empty": "no records file"}
     assert expected[case] in lines[0]
+
+
+def test_cli_fails_when_no_file_can_be_read(tmp_path, capsys):
+    (tmp_path / "val_step0000001.jsonl").write_text('{"index": 0,\n')
+    assert main(["report", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    first, last = captured.err.strip().splitlines()
+    assert first.startswith("mllm-metrics report: skipped ")
+    assert "val_step0000001.jsonl, line 1: not valid JSON" in first
+    assert "none of the 1 records files" in last and "could be read" in last
 
 
 def test_cli_argument_errors(records_dir, capsys):
@@ -478,5 +514,5 @@ def test_records_without_nll_are_read_and_ranked_by_share_then_index(tmp_path):
     assert math.isnan(summary.overall.nll)
     text = format_report([file], worst=3)
     worst = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
-    # Rows of the worst-samples table, after its header: 1/4, then 1/2, then 4/4.
-    assert worst[worst.index("index") + 1 : worst.index("index") + 4] == ["1", "2", "0"]
+    # Rows of the worst-samples table, after its header: 1/4, then 1/2; index 0 (4/4) is right.
+    assert worst[worst.index("index") + 1 :] == ["1", "2"]
