@@ -152,9 +152,9 @@ def expected_values(samples: list[dict], nll_key: str = "nll") -> dict[str, floa
         c, t = _positional(s["prediction"], s["reference"])
         correct, total = correct + c, total + t
     values["text_bit_match"] = correct / total
-    values["text_exact_match"] = sum(
-        s["prediction"] == s["reference"] for s in with_text
-    ) / len(with_text)
+    values["text_exact_match"] = sum(s["prediction"] == s["reference"] for s in with_text) / len(
+        with_text
+    )
     bit_values, exact_values = [], []
     for group in GROUPS:
         found = token_values([s for s in samples if s["group"] == group])
