@@ -105,12 +105,14 @@ def test_records_files_equal_the_single_process_files(runs):
     for name, records in single.items():
         assert [r["index"] for r in records] == list(range(7 if "dl0" in name else 5))
         assert len(ddp[name]) == len(records), name  # every sample once: no repeat recorded
-        for ddp_record, record in zip(ddp[name], records, strict=True):
-            # The NLL is summed over other batch layouts (other padding): equal to rounding.
-            assert ddp_record["nll"] == pytest.approx(record["nll"], rel=1e-5, abs=1e-6)
+        for ddp_record, record in zip(ddp[name], records, strict=True):  # counts, strings
             assert {k: v for k, v in ddp_record.items() if k != "nll"} == {
                 k: v for k, v in record.items() if k != "nll"
             }
+        for ddp_record, record in zip(ddp[name], records, strict=True):
+            # The same rows in other batches (other padding, other matrix shapes): float32
+            # rounding of the row's summed NLL.
+            assert ddp_record["nll"] == pytest.approx(record["nll"], rel=1e-6, abs=1e-6)
         assert [r["group"] for r in records] == [
             ("vqa", "ocr")[i % 3 % 2] for i in range(len(records))
         ]
