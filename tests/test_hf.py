@@ -215,7 +215,7 @@ def test_nothing_of_vocabulary_size_is_kept_across_steps(mode, tmp_path):
     assert len(received) == (8 if batch_eval_metrics else 1)
     rows_per_call = 2 if batch_eval_metrics else 16
     for header, preds, target, row_nll in received:
-        assert header == (rows_per_call, 2)
+        assert header == (rows_per_call, 3)
         assert preds == target and len(preds) == 2 and preds[0] == rows_per_call
         assert row_nll == (rows_per_call,)
     # The metrics keep the same few scalar sums whatever the number of batches.

@@ -8,16 +8,17 @@ however the samples of each group fall across processes and batches.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from mllm_metrics.functional import _is_signed_integer, _ratio
 from mllm_metrics.metrics import _SumStates, _TokenCountRatio
 
-__all__ = ["MACRO", "GroupedMetric"]
+__all__ = ["MACRO", "GroupedMetric", "group_ids", "groups_checksum"]
 
 #: The key of the mean over the groups that have data, next to the groups' own keys.
 MACRO = "macro"
@@ -38,6 +39,21 @@ def _check_groups(groups: Sequence[str]) -> tuple[str, ...]:
             f"{MACRO!r} cannot be a group name: it is the key of the mean over the groups."
         )
     return names
+
+
+def groups_checksum(groups: Sequence[str]) -> int:
+    """A checksum of the group names in their order: what must be equal on every process."""
+    return zlib.crc32("\x1f".join(groups).encode())
+
+
+def different_groups_message(groups: Sequence[str]) -> str:
+    """The error when the processes list other groups, or the same in another order."""
+    return (
+        f"The processes do not list the same groups in the same order (this one: "
+        f"{list(groups)!r}): a group's position would mean another group on another process, "
+        "and every per-group value would be scrambled. Likely cause: `groups=list(set(names))` "
+        "(each process has its own string hash seed); pass `sorted(set(names))` or a fixed list."
+    )
 
 
 def group_ids(
@@ -61,6 +77,13 @@ def group_ids(
 
     """
     if isinstance(group, Tensor):
+        if group.device.type == "meta":
+            raise ValueError(
+                f"Got the group of each row as a tensor on the meta device (shape "
+                f"{tuple(group.shape)}): it holds no values. Likely cause: it was built under "
+                "`torch.device('meta')` or from a model's meta-initialised buffers; pass the "
+                "positions as a real tensor, or the group names."
+            )
         if not _is_signed_integer(group) or group.ndim != 1:
             raise TypeError(
                 "Expected the group of each row as a list of group names or a 1-D integer "
@@ -153,12 +176,27 @@ class GroupedMetric(_SumStates):
         # The group names are part of the state names: a MetricCollection merges metrics whose
         # states have the same names and values into one compute group, which must never happen
         # to two groupings of different groups (or of the same groups in another order).
-        names = zlib.crc32("\x1f".join(self.groups).encode())
+        names = groups_checksum(self.groups)
         self._numerator_state = f"{metric._numerator_state}_per_group_{names:08x}"
         self._denominator_state = f"{metric._denominator_state}_per_group_{names:08x}"
+        self._checked_across_processes = False
         numerator = torch.zeros(size, dtype=metric._numerator_dtype)
         self.add_state(self._numerator_state, numerator, dist_reduce_fx="sum")
         self.add_state(self._denominator_state, torch.zeros(size, dtype=torch.long), "sum")
+
+    def _sync_dist(
+        self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None
+    ) -> None:
+        """Sum the states over the processes; the first time, check that every process names
+        the groups in the same order (a slot means the same group everywhere)."""
+        if not self._checked_across_processes:
+            mine = groups_checksum(self.groups)
+            checksum = torch.tensor(mine, dtype=torch.long, device=self.device)
+            gathered = dist_sync_fn(checksum, group=process_group or self.process_group)
+            if any(int(value) != mine for value in gathered):
+                raise ValueError(different_groups_message(self.groups))
+            self._checked_across_processes = True
+        super()._sync_dist(dist_sync_fn, process_group)
 
     @property
     def sums(self) -> tuple[Tensor, Tensor]:

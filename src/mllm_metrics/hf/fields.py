@@ -5,10 +5,11 @@
 along dim 1 with -100, gathers them along dim 0 (dropping the samples its sampler repeated) and
 hands them to ``compute_metrics``, one batch at a time (``batch_eval_metrics``) or concatenated
 over the eval set. The field names are lost on the way, so the first field is a *header*
-(shape (B, 2), int64): it says that the tuple is this library's, at which stage (the forward's
+(shape (B, 3), int64): it says that the tuple is this library's, at which stage (the forward's
 output, or :meth:`~mllm_metrics.hf.StreamingMetrics.preprocess_logits`' result), which fields
-follow, and the number of the evaluation the batch belongs to (see
-:func:`~mllm_metrics.hf.expose_processed_labels`).
+follow, the number of the evaluation the batch belongs to (see
+:func:`~mllm_metrics.hf.expose_processed_labels`), and a checksum of the group names in their
+order, which must be the same on every process (the group ids are positions in that list).
 
 Every field is one row per sample: the header, ids and labels (B, L), the row NLL and group ids
 (B,), and the generated and reference answers (B, N), -100 after each answer's end (the value
@@ -17,6 +18,7 @@ Every field is one row per sample: the header, ids and labels (B, L), the row NL
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +46,8 @@ class Header:
     groups: bool
     generation: bool
     evaluation: int
+    #: :func:`~mllm_metrics.grouped.groups_checksum` of the group names (0 without groups).
+    groups_checksum: int = 0
 
     @property
     def size(self) -> int:
@@ -64,34 +68,50 @@ class Header:
         """The header field of a batch of ``rows`` rows."""
         flags = HAS_NLL * self.nll + HAS_GROUPS * self.groups + HAS_GENERATION * self.generation
         value = (_MAGIC << 16) | (self.stage << 8) | flags
-        row = torch.tensor([value, self.evaluation], dtype=torch.long, device=device)
-        return row.expand(rows, 2).clone()
+        row = [value, self.evaluation, self.groups_checksum]
+        return torch.tensor(row, dtype=torch.long, device=device).expand(rows, 3).clone()
 
     def with_stage(self, stage: int) -> Header:
         """The same fields at another stage."""
-        return Header(stage, self.nll, self.groups, self.generation, self.evaluation)
+        return dataclasses.replace(self, stage=stage)
 
 
 def read_header(value: object) -> Header | None:
-    """The header of a batch's fields, or None when ``value`` is not one of ours."""
+    """The header of a batch's fields, or None when ``value`` is not one of ours.
+
+    Raises:
+        ValueError: when the rows come from processes that list different groups (or the same
+            in another order): their group ids would mean different groups.
+
+    """
     if (
         not isinstance(value, Tensor)
         or value.ndim != 2
-        or value.shape[1] != 2
+        or value.shape[1] != 3
         or value.is_floating_point()
         or value.shape[0] == 0
     ):
         return None
-    code, evaluation = (int(v) for v in value[0].tolist())
-    if code >> 16 != _MAGIC or not torch.equal(value, value[:1].expand_as(value)):
+    codes = value[:, 0]
+    code = int(codes[0])
+    if code >> 16 != _MAGIC or not bool((codes == code).all()):
         return None
+    checksums = value[:, 2].unique().tolist()
+    if len(checksums) > 1:
+        raise ValueError(
+            "The processes do not list the same groups in the same order (their checksums "
+            f"differ: {checksums}): a group's position would mean another group on another "
+            "process. Likely cause: `groups=list(set(names))` (each process has its own string "
+            "hash seed); pass `sorted(set(names))` or a fixed list."
+        )
     stage, flags = (code >> 8) & 0xFF, code & 0xFF
     return Header(
         stage=stage,
         nll=bool(flags & HAS_NLL),
         groups=bool(flags & HAS_GROUPS),
         generation=bool(flags & HAS_GENERATION),
-        evaluation=evaluation,
+        evaluation=int(value[:, 1].max()),
+        groups_checksum=int(checksums[0]),
     )
 
 

@@ -9,6 +9,7 @@ updates the evaluation core, whose metrics therefore never all-reduce again.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from mllm_metrics.evaluation import BatchResult, Evaluation
 from mllm_metrics.forward import EvaluationForward
 from mllm_metrics.functional import _check_label_values, _check_labels_dtype, _row_nll
+from mllm_metrics.grouped import different_groups_message, groups_checksum
 from mllm_metrics.hf.fields import (
     FORWARD,
     PREPROCESSED,
@@ -388,7 +390,7 @@ class StreamingMetrics:
             )
         _, ids, processed, row_nll, *rest = fields
         nll = self.evaluation.nll is not None
-        shifted = Header(PREPROCESSED, nll, header.groups, header.generation, header.evaluation)
+        shifted = dataclasses.replace(header, stage=PREPROCESSED, nll=nll)
         out = [shifted.tensor(ids.shape[0], ids.device), ids[:, :-1]]
         out.append(self._target(processed.long()[:, 1:]))
         if nll:
@@ -464,6 +466,10 @@ class StreamingMetrics:
         header = read_header(values[0]) if values else None
         if header is None or header.stage != PREPROCESSED or len(values) != header.size:
             raise ValueError(self._not_preprocessed(predictions, header))
+        groups = self.evaluation.groups
+        known = header.groups_checksum  # 0: fields built by hand, without the names
+        if header.groups and groups is not None and known not in (0, groups_checksum(groups)):
+            raise ValueError(different_groups_message(groups))
         _, preds, target, *rest = values
         row_nll = rest.pop(0) if header.nll else None
         group = rest.pop(0).long() if header.groups else None

@@ -25,6 +25,7 @@ from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.chunked import NOT_PREDICTED, _check_chunk_size
 from mllm_metrics.evaluation import BatchResult
 from mllm_metrics.forward import EvaluationForward
+from mllm_metrics.grouped import groups_checksum
 from mllm_metrics.hf.fields import FORWARD, Header, answers_tensor, read_header
 from mllm_metrics.labels import ProcessedLabelsHandle
 from mllm_metrics.labels import expose_processed_labels as _expose_labels
@@ -248,9 +249,10 @@ class _EvaluationForward:
         header = Header(
             stage=FORWARD,
             nll=True,
-            groups=side.group_key is not None,
+            groups=side.groups is not None,
             generation=side.generate_max_new_tokens is not None,
             evaluation=self.counter.evaluations,
+            groups_checksum=0 if side.groups is None else groups_checksum(side.groups),
         )
         not_predicted = result.preds.new_full((rows, 1), NOT_PREDICTED)
         ignored = result.target.new_full((rows, 1), side.ignore_index)
