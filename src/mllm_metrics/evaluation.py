@@ -40,7 +40,7 @@ from mllm_metrics.metrics import (
     _unchanged_on_error,
     causal_lm_metrics,
 )
-from mllm_metrics.records import SampleRecords, row_statistics
+from mllm_metrics.records import SampleRecords, row_statistics, write_records_file
 
 __all__ = ["BatchResult", "Evaluation"]
 
@@ -246,6 +246,8 @@ class Evaluation(nn.Module):
                 generated["gen_text_exact_match"] = TextExactMatch()
             self.generated = MetricCollection(generated)
         self.records = SampleRecords() if records else None
+        #: The records of the last evaluation written, in order (process 0 only).
+        self.last_records: list[dict[str, Any]] | None = None
         self._rows_seen = 0
         if not distributed:
             _local_only(self)
@@ -468,20 +470,26 @@ class Evaluation(nn.Module):
         if self.records is not None:
             self.records.clear()
 
-    def write_records(self, path: Path, gather: bool | None = None) -> Path | None:
-        """Write the records kept since the last reset to ``path`` and forget them.
+    def write_records(self, path: Path | None, gather: bool | None = None) -> Path | None:
+        """Write the records kept since the last reset to ``path`` and forget them; they stay
+        in :attr:`last_records` (on the process that wrote them) until the next write.
 
         With ``gather`` (default: ``distributed``) every process must call this: process 0
         gathers every process's records and writes them in order. A write that fails (a full
         disk) leaves no partial file and warns instead of raising, so the metrics survive it.
+        ``path=None`` gathers without writing a file.
 
         Returns:
-            ``path`` where the file was written, None elsewhere.
+            the path written, on process 0; None elsewhere or on failure.
 
         """
         if self.records is None:
             return None
-        return self.records.write(path, gather=self.distributed if gather is None else gather)
+        records = self.records.gather(self.distributed if gather is None else gather)
+        self.last_records = records
+        if records is None or path is None:
+            return None
+        return write_records_file(path, records)
 
 
 def _world_and_rank() -> tuple[int, int]:

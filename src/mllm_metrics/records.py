@@ -33,7 +33,13 @@ from torch import Tensor
 from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.functional import _bit_match_rows, _exact_match_rows
 
-__all__ = ["SampleRecords", "check_records_dir", "records_file_name", "row_statistics"]
+__all__ = [
+    "SampleRecords",
+    "check_records_dir",
+    "records_file_name",
+    "row_statistics",
+    "write_records_file",
+]
 
 #: The fields every record has, first, in this order.
 RECORD_FIELDS = ("index", "supervised_tokens", "correct_tokens", "exact", "nll")
@@ -174,51 +180,72 @@ class SampleRecords:
         if not self._samples:
             self._fields = None
 
-    def write(self, path: Path, gather: bool = True) -> Path | None:
-        """Gather every process's samples on process 0 and write them there, in order.
+    def gather(self, gather: bool = True) -> list[dict[str, Any]] | None:
+        """Every process's samples, in order, as records (``index`` first), on process 0.
 
         With ``gather`` every process must call this (it is a collective when
-        ``torch.distributed`` is initialized); without, this process writes what it holds. The
-        samples are then forgotten. A file is never overwritten: when ``path`` exists (a second
-        evaluation at the same step), ``<stem>-2.jsonl`` is written, and so on. A write that
-        fails (a full disk) leaves no partial file and warns instead of raising.
+        ``torch.distributed`` is initialized); without, this process's samples are taken. The
+        samples are then forgotten.
 
         Returns:
-            the path written, on the process that wrote it; None on the others or on failure.
+            the records on process 0 (or without ``gather``); None on the other processes.
 
         """
         fields, samples = self._fields, self._samples
         self.clear()
-        rank = 0
         if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             if world > 1:
                 gathered: list[Any] | None = [None] * world if rank == 0 else None
                 torch.distributed.gather_object((fields, samples), gathered, dst=0)
-                if rank == 0:
-                    assert gathered is not None
-                    fields = next((f for f, _ in gathered if f is not None), None)
-                    samples = [sample for _, part in gathered for sample in part]
-        if rank != 0:
-            return None
+                if rank != 0:
+                    return None
+                assert gathered is not None
+                fields = next((f for f, _ in gathered if f is not None), None)
+                samples = [sample for _, part in gathered for sample in part]
         samples.sort(key=lambda sample: sample[0])
         names = ("index", *(fields or ()))
-        path = _free_path(path)
-        partial = path.with_name(path.name + ".partial")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with partial.open("w", encoding="utf-8") as file:
-                for index, (_, *values) in enumerate(samples):
-                    record = dict(zip(names, (index, *values)))
-                    file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            os.replace(partial, path)  # a reader never sees half a file
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            warnings.warn(
-                f"The records of this evaluation could not be written to {path} ({error}); the "
-                "metrics are not affected. Free some space or choose another `records_dir`.",
-                category=MllmMetricsWarning,
-                stacklevel=2,
-            )
-            return None
-        return path
+        return [dict(zip(names, (index, *values))) for index, (_, *values) in enumerate(samples)]
+
+    def write(self, path: Path, gather: bool = True) -> Path | None:
+        """Gather every process's samples on process 0 and write them there, in order.
+
+        With ``gather`` every process must call this (see :meth:`gather`). A file is never
+        overwritten: when ``path`` exists (a second evaluation at the same step),
+        ``<stem>-2.jsonl`` is written, and so on. A write that fails (a full disk) leaves no
+        partial file and warns instead of raising.
+
+        Returns:
+            the path written, on the process that wrote it; None on the others or on failure.
+
+        """
+        records = self.gather(gather)
+        return None if records is None else write_records_file(path, records)
+
+
+def write_records_file(path: Path, records: Sequence[dict[str, Any]]) -> Path | None:
+    """Write ``records`` as JSON Lines at ``path`` (or ``<stem>-2.jsonl``... when it exists),
+    whole or not at all; on an error (a full disk), warn and return None.
+
+    Returns:
+        the path written, or None.
+
+    """
+    path = _free_path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", encoding="utf-8") as file:
+            for record in records:
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(partial, path)  # a reader never sees half a file
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        warnings.warn(
+            f"The records of this evaluation could not be written to {path} ({error}); the "
+            "metrics are not affected. Free some space or choose another `records_dir`.",
+            category=MllmMetricsWarning,
+            stacklevel=3,
+        )
+        return None
+    return path
