@@ -514,3 +514,15 @@ def test_a_second_evaluation_at_the_same_step_keeps_both_files(trained_model, tm
     assert (tmp_path / "val_step0000000.jsonl").read_text() == first
     # The same weights on the same data: the same records.
     assert (tmp_path / "val_step0000000-2.jsonl").read_text() == first
+
+
+def test_no_length_clash_message_for_the_arguments_the_library_passes(capfd):
+    from transformers.utils import logging
+
+    model = tiny_llama()
+    model.generation_config.min_length = 0  # a model whose generation config sets it
+    batch = _text_batch([[1, 7, 3]], [[5, EOS]])
+    logging.set_verbosity_warning()  # transformers' default: its warnings reach stderr
+    with torch.no_grad():
+        greedy_answers(model, batch, build_prompts(batch), 3, [EOS])
+    assert "seem to have been set" not in capfd.readouterr().err

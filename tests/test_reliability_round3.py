@@ -153,7 +153,7 @@ def test_a_failed_records_write_warns_keeps_the_metrics_and_leaves_no_partial_fi
     tmp_path, monkeypatch
 ):
     model = parity_model()
-    rows = parity_rows(model)
+    rows = [{k: v for k, v in row.items() if k != "task"} for row in parity_rows(model)]
     loader = _loader(rows)
     [expected] = _lightning_trainer().validate(MultimodalLMModule(model), loader, verbose=False)
 
@@ -243,3 +243,11 @@ def test_records_and_values_say_no_data_no_number_for_every_metric():
     values = metric.compute()
     assert set(values) == {"vqa", "macro"}  # "ocr" had no supervised token: no value at all
     assert all(torch.isfinite(value) for value in values.values())  # nothing NaN in it
+
+
+def test_a_text_column_without_group_key_is_named_before_transformers_complains():
+    model = parity_model()
+    batch = parity_collate(parity_rows(model)[:2])  # holds "task": ["vqa", "ocr"]
+    module = MultimodalLMModule(model, generate_max_new_tokens=4)  # no group_key
+    with pytest.raises(ValueError, match="'task' holds strings.*group_key='task'"):
+        _lightning_trainer().validate(module, DataLoader([batch], batch_size=None), verbose=False)

@@ -15,6 +15,7 @@ its processes then decode the same number of steps (see :func:`is_sharded`).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,9 +32,15 @@ from mllm_metrics.chunked import (
 )
 from mllm_metrics.evaluation import BatchResult
 from mllm_metrics.functional import _check_token_inputs, _row_nll, causal_shift
-from mllm_metrics.generation import build_prompts, end_of_sequence_ids, greedy_answers
+from mllm_metrics.generation import (
+    _accepts,
+    build_prompts,
+    end_of_sequence_ids,
+    greedy_answers,
+)
 from mllm_metrics.grouped import _check_groups, group_ids
 from mllm_metrics.labels import (
+    PREPARE_METHOD,
     AlignedForward,
     AlignedHiddenStates,
     _label_producers,
@@ -102,6 +109,30 @@ def _check_generation_arguments(max_new_tokens: int | None) -> None:
             "Expected `generate_max_new_tokens` to be a positive int or None, got "
             f"{max_new_tokens!r}."
         )
+
+
+def _check_no_stray_text(model: nn.Module, batch: Mapping[str, Any]) -> None:
+    """Raise for a batch key that holds strings the model does not name (a group column without
+    ``group_key``): a forward with ``**kwargs`` swallows it, ``generate`` fails on it."""
+    for key, value in batch.items():
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(item, str) for item in value)
+            and not _accepts(model, key)
+            and not (
+                hasattr(model, PREPARE_METHOD)
+                and key in inspect.signature(getattr(model, PREPARE_METHOD)).parameters
+            )
+        ):
+            shown = list(value[:3]) + (["..."] if len(value) > 3 else [])
+            raise ValueError(
+                f"The batch key {key!r} holds strings ({shown}), which "
+                f"{type(model).__name__}.forward does not take, and every key of the batch is "
+                "passed to the model. If it says which group each row belongs to, pass "
+                f"`group_key={key!r}` and `groups=[...]`; otherwise leave it out of the batch in "
+                "the collate function."
+            )
 
 
 class EvaluationForward:
@@ -210,6 +241,7 @@ class EvaluationForward:
         """
         group = self.group_ids(batch, self._device_of(model))
         model_inputs = self.model_batch(batch)
+        _check_no_stray_text(model, model_inputs)
         own_forward = model_loss and self.logits_chunk_size is None
         split = None if own_forward else self._split_forward(model, model_inputs)
         loss = None

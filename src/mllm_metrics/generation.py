@@ -29,8 +29,10 @@ left-aligned, then one token at a time is fed with its cache. Neither changes th
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,15 +228,36 @@ def _hf_generate(
         pad_token_id=pad,
     )
     _warn_about_constraints(model.generation_config)
-    output = model.generate(
-        input_ids=prompts.input_ids,
-        attention_mask=prompts.attention_mask,
-        generation_config=config,
-        synced_gpus=lockstep,
-        **_extra_inputs(batch),
-    )
+    with _without_length_clash_warnings():
+        output = model.generate(
+            input_ids=prompts.input_ids,
+            attention_mask=prompts.attention_mask,
+            generation_config=config,
+            synced_gpus=lockstep,
+            **_extra_inputs(batch),
+        )
     sequences = output if isinstance(output, Tensor) else output.sequences
     return sequences[:, prompts.input_ids.shape[1] :]
+
+
+class _LengthClashFilter(logging.Filter):
+    """Drops transformers' "Both `min_new_tokens` and `min_length` seem to have been set": the
+    library sets both to neutral values itself (the model's generation config fills in what is
+    left unset), so the message would only tell the user about the library's own arguments."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "seem to have been set" not in record.getMessage()
+
+
+@contextmanager
+def _without_length_clash_warnings() -> Iterator[None]:
+    logger = logging.getLogger("transformers.generation.utils")
+    clash = _LengthClashFilter()
+    logger.addFilter(clash)
+    try:
+        yield
+    finally:
+        logger.removeFilter(clash)
 
 
 # Generation-config fields that constrain even greedy decoding and that transformers (5.x) fills
