@@ -34,6 +34,7 @@ from mllm_metrics.demo.data import (  # noqa: E402
     BitImageDataset,
     char_tokenizer,
     draw_bit_images,
+    ones_group,
 )
 from mllm_metrics.labels import aligned_forward  # noqa: E402
 
@@ -408,27 +409,24 @@ def test_trainer_backend_gives_the_lightning_numbers(tmp_path):
     # Same rows, micro-batches, optimizer and schedule; the two frameworks scale the loss in
     # different (equivalent) ways, so the weights may differ in the last bits: a token whose
     # argmax is a near tie could flip. Misaligned labels would change everything.
-    free_running = ("val/gen_bit_match", "val/gen_exact_match")
     for hf_row, pl_row in zip(hf.history, lightning.history, strict=True):
         assert hf_row["val/loss"] == pytest.approx(pl_row["val/loss"], rel=1e-4)
-        for key in METRIC_KEYS[1:]:
-            if key in free_running:  # the Trainer does not generate; the Lightning module does
-                assert math.isnan(hf_row[key]) and 0.0 <= pl_row[key] <= 1.0, key
-            else:
-                assert hf_row[key] == pytest.approx(pl_row[key], abs=0.005), key
-    # Its table shows what it did not compute as "-", its CSV as nan.
+        for key in METRIC_KEYS[1:]:  # the free-running ones too: the Trainer generates now
+            assert hf_row[key] == pytest.approx(pl_row[key], abs=0.005), key
+    # Its table and its CSV are whole: nothing left out.
     for line in hf.table.splitlines()[2:]:
-        assert line.endswith("| - | - |") and "nan" not in line
+        assert "| - |" not in line and "nan" not in line
     _, csv_rows = _read_csv(hf.csv_path)
-    assert all(row[key] == "nan" for row in csv_rows for key in free_running)
-    # The Trainer writes the records too: no groups (its batches go to the model whole).
+    assert all(row[key] != "nan" for row in csv_rows for key in METRIC_KEYS)
+    # The Trainer writes the same records: each sample's group and generated answer.
     hf_records = _read_records(hf.records_dir)
     columns = [{key: str(value) for key, value in row.items()} for row in hf.history]
     _check_records_against_history(hf_records, columns, "eval", val_size=256)
     _, val = build_data(DemoConfig())
     for lines in hf_records.values():
         assert [line["reference"] for line in lines] == [row["answer"] for row in val]
-        assert all("group" not in line for line in lines)
+        assert [line["group"] for line in lines] == [ones_group(row["answer"]) for row in val]
+        assert all(isinstance(line["generated"], str) for line in lines)
     # Its text metrics are the decoded records' (rows with a supervised label; "01" kept).
     for lines, row in zip(hf_records.values(), hf.history, strict=True):
         exact = sum(line["prediction"] == line["reference"] for line in lines) / len(lines)

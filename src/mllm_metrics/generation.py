@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mllm_metrics._warning import MllmMetricsWarning
-from mllm_metrics.labels import PREPARE_METHOD, run_in_root_forward
+from mllm_metrics.labels import PREPARE_METHOD, _is_sharded_fsdp_root, run_in_root_forward
 
 __all__ = [
     "GenerationPrompts",
@@ -228,14 +228,24 @@ def _hf_generate(
         pad_token_id=pad,
     )
     _warn_about_constraints(model.generation_config)
-    with _without_length_clash_warnings():
-        output = model.generate(
-            input_ids=prompts.input_ids,
-            attention_mask=prompts.attention_mask,
-            generation_config=config,
-            synced_gpus=lockstep,
-            **_extra_inputs(batch),
-        )
+    # transformers encodes the images before the first forward (outside any forward of the root):
+    # an FSDP2 root's own parameters (the vision tower's, when they are in the root's unit) are
+    # gathered for the whole call; the decoder layers gather theirs in their forwards.
+    gather = _is_sharded_fsdp_root(model)
+    if gather:
+        model.unshard()
+    try:
+        with _without_length_clash_warnings():
+            output = model.generate(
+                input_ids=prompts.input_ids,
+                attention_mask=prompts.attention_mask,
+                generation_config=config,
+                synced_gpus=lockstep,
+                **_extra_inputs(batch),
+            )
+    finally:
+        if gather:
+            model.reshard()
     sequences = output if isinstance(output, Tensor) else output.sequences
     return sequences[:, prompts.input_ids.shape[1] :]
 

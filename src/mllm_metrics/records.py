@@ -1,17 +1,18 @@
 """Per-sample records of an evaluation: what the model got right and wrong, sample by sample.
 
-One JSON Lines file per evaluation, one line per eval sample, in the order one process sees
-the samples::
+One JSON Lines file per evaluation, one line per eval sample, in the data set's order::
 
     {"index": 3, "supervised_tokens": 9, "correct_tokens": 7, "exact": false, "nll": 3.21,
      "group": "ocr", "prediction": "0101", "reference": "0111"}
 
-- ``index``: the sample's position in that order (the data set index for an unshuffled loader);
+- ``index``: the sample's place in the data set's order (its data-set index when the whole data
+  set is evaluated, one sample per index), the same on one process and on several, whatever
+  sampler or batch sampler ordered the batches;
 - ``supervised_tokens``, ``correct_tokens``: its supervised positions, and those predicted;
 - ``exact``: whether all of them are, or null when it has none (it counts in no exact-match);
 - ``nll``: the negative log-likelihood summed over its supervised tokens;
 - ``group`` when the evaluation is grouped, ``prediction`` and ``reference`` (the decoded
-  supervised spans) when a tokenizer is given.
+  supervised spans) when a tokenizer is given, ``gen_exact`` and ``generated`` with generation.
 
 Each process keeps only its own samples' few numbers (and strings) until the evaluation ends;
 then process 0 gathers them, puts them in order and writes the file (whole, or not at all).

@@ -131,6 +131,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "val/gen_exact_match) for at most N tokens; auto: --bits + "
         f"{GENERATION_SLACK}, 0: off; lightning back-end only (hf: nan)",
     )
+    arg(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads per process (default: 1, the fastest for this tiny model, above all "
+        "on a machine whose cores other jobs share)",
+    )
     arg("--no-progress-bar", action="store_true", help="hide the progress bar")
     return parser
 
@@ -175,6 +183,7 @@ def demo_main(argv: Sequence[str] | None = None, prog: str = "python -m mllm_met
             backend=args.backend,
             generate_max_new_tokens=args.generate_max_new_tokens,
             progress_bar=not args.no_progress_bar,
+            threads=args.threads,
         )
     except ValueError as error:
         _parser(prog).error(str(error))

@@ -30,6 +30,7 @@ from mllm_metrics.demo.model import IMAGE_TOKEN_INDEX, make_multimodal_batch
 __all__ = [
     "ALPHABET",
     "GROUPS",
+    "GROUP_KEY",
     "PROMPT",
     "SPECIAL_TOKENS",
     "BitImageCollator",
@@ -37,6 +38,7 @@ __all__ = [
     "StepSampler",
     "char_tokenizer",
     "decode_bit_images",
+    "end_of_answer",
     "draw_bit_images",
     "grid_side",
     "ones_group",
@@ -55,6 +57,8 @@ ALPHABET = "01 abcdefghijklmnopqrstuvwxyz:?"
 PROMPT = " bits:"
 #: The groups of the samples: at most half of the answer's bits are 1, or more than half.
 GROUPS: tuple[str, str] = ("few-ones", "many-ones")
+#: The validation batches' key of the rows' groups (both back-ends).
+GROUP_KEY = "group"
 _GRAY = 0.5
 
 
@@ -108,6 +112,14 @@ def grid_side(bits: int, multiple: int = 1) -> int:
             raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}.")
     side = math.isqrt(bits - 1) + 1
     return -(-side // multiple) * multiple
+
+
+def end_of_answer(model: Any, tokenizer: Any) -> int | None:
+    """The id that ends a generated answer: None (the model's own end-of-sequence id) when its
+    config gives one, else the tokenizer's ``</s>``."""
+    from mllm_metrics.generation import end_of_sequence_ids
+
+    return None if end_of_sequence_ids(model, None) else tokenizer.eos_token_id
 
 
 def ones_group(answer: str) -> str:

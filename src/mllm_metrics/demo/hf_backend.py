@@ -1,15 +1,14 @@
 """The demo's ``--backend hf``: the same model and data through the stock ``transformers.Trainer``.
 
-Nothing is subclassed or overridden: :func:`mllm_metrics.hf.expose_processed_labels` makes the
-model's outputs carry its processed labels, and :class:`mllm_metrics.hf.StreamingMetrics` is
-passed as ``compute_metrics=`` with its ``preprocess_logits`` as
-``preprocess_logits_for_metrics=`` and ``TrainingArguments(batch_eval_metrics=True)``. Given
-the demo's tokenizer, it decodes the gathered token ids for the text metrics (so they report
-what the Lightning module reports) and writes each evaluation's per-sample records to
-``out/records`` (without groups: the Trainer passes the whole batch to the model's
-``forward``). The Trainer does not generate: the free-running ``val/gen_*`` columns are nan.
-The Trainer's own progress bars and printed log dictionaries give way to the demo's one bar
-of optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
+Nothing is subclassed or overridden: :class:`mllm_metrics.hf.StreamingMetrics` is passed as
+``compute_metrics=`` with its ``preprocess_logits`` as ``preprocess_logits_for_metrics=`` and
+``TrainingArguments(batch_eval_metrics=True)``, and
+``expose_processed_labels(model, logits_chunk_size=256, metrics=streaming)`` makes the model's
+evaluation forward hand the Trainer what the metrics need: the supervised positions' ids and
+NLL, each row's group, and its greedy answer. So the Trainer reports what the Lightning module
+reports: the same metrics, per group, free-running, and the same per-sample records in
+``out/records``. The Trainer's own progress bars and printed log dictionaries give way to the
+demo's one bar of optimizer steps (:class:`StepProgressCallback`, a plain ``TrainerCallback``).
 """
 
 from __future__ import annotations
@@ -30,7 +29,13 @@ from transformers import (
 )
 
 from mllm_metrics.demo.config import METRIC_KEYS
-from mllm_metrics.demo.data import BitImageCollator, StepSampler
+from mllm_metrics.demo.data import (
+    GROUP_KEY,
+    GROUPS,
+    BitImageCollator,
+    StepSampler,
+    end_of_answer,
+)
 from mllm_metrics.demo.progress import StepBar
 
 if TYPE_CHECKING:
@@ -45,6 +50,8 @@ _COLUMNS = {
     "eval_exact_match": "val/exact_match",
     "eval_text_bit_match": "val/text_bit_match",
     "eval_text_exact_match": "val/text_exact_match",
+    "eval_gen_bit_match": "val/gen_bit_match",
+    "eval_gen_exact_match": "val/gen_exact_match",
 }
 
 
@@ -113,15 +120,20 @@ def train_hf(
     Returns:
         One dict per validation: ``step`` and the demo's columns (``val/loss`` is
         ``eval_nll``, the token-weighted NLL of the processed labels; the free-running
-        ``val/gen_*`` are nan: ``transformers.Trainer`` scores teacher-forced logits only, and
-        ``config.generate_max_new_tokens`` is not used).
+        ``val/gen_*`` are nan when ``config.generate_max_new_tokens`` is 0).
     """
     from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
     # bit_match and exact_match, nll, text_bit_match and text_exact_match (with the tokenizer),
-    # and one records file per evaluation.
+    # per group, free-running, and one records file per evaluation.
     streaming = StreamingMetrics(
-        tokenizer=tokenizer, text_alphabet="01", records_dir=config.records_dir
+        tokenizer=tokenizer,
+        text_alphabet="01",
+        records_dir=config.records_dir,
+        group_key=GROUP_KEY,
+        groups=GROUPS,
+        generate_max_new_tokens=config.max_new_tokens,
+        eos_token_id=end_of_answer(model, tokenizer),
     )
     step_rows = {"batch_size": config.batch_size, "micro_batches": config.micro_batches}
     supported = inspect.signature(TrainingArguments).parameters
@@ -131,7 +143,8 @@ def train_hf(
         "train_sampling_strategy": "sequential",
         "eval_on_start": True,
     }
-    with tempfile.TemporaryDirectory() as output_dir, expose_processed_labels(model):
+    exposure = expose_processed_labels(model, logits_chunk_size=256, metrics=streaming)
+    with tempfile.TemporaryDirectory() as output_dir, exposure:
         args = TrainingArguments(
             output_dir=output_dir,
             max_steps=config.max_steps,
@@ -160,7 +173,7 @@ def train_hf(
             # The Lightning backend's micro-batches, in order (`StepSampler`'s order).
             train_dataset=Subset(train, list(StepSampler(train, **step_rows))),
             eval_dataset=val,
-            data_collator=BitImageCollator(tokenizer),
+            data_collator=BitImageCollator(tokenizer, group_key=GROUP_KEY),
             compute_metrics=streaming,
             preprocess_logits_for_metrics=streaming.preprocess_logits,
         )
@@ -178,7 +191,9 @@ def train_hf(
     for entry in trainer.state.log_history:
         if "eval_bit_match" in entry:
             row = {"step": float(entry["step"])}
-            row.update({key: math.nan for key in METRIC_KEYS})  # the gen_* ones stay nan
-            row.update({column: float(entry[key]) for key, column in _COLUMNS.items()})
+            row.update({key: math.nan for key in METRIC_KEYS})  # gen_* stay nan without them
+            row.update(
+                {column: float(entry[key]) for key, column in _COLUMNS.items() if key in entry}
+            )
             history[int(entry["step"])] = row
     return [history[step] for step in sorted(history)]

@@ -23,25 +23,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mllm_metrics.demo.config import METRIC_KEYS
-from mllm_metrics.demo.data import GROUPS, BitImageCollator, StepSampler
+from mllm_metrics.demo.data import GROUP_KEY, GROUPS, BitImageCollator, StepSampler, end_of_answer
 from mllm_metrics.demo.progress import SHOWN_KEYS, StepBar
-from mllm_metrics.generation import end_of_sequence_ids
 from mllm_metrics.lightning import MultimodalLMModule
 
 if TYPE_CHECKING:
     from mllm_metrics.demo.config import DemoConfig
 
 __all__ = [
-    "GROUP_KEY",
     "CosineScheduleModule",
     "History",
     "StepProgressBar",
     "cosine_factor",
     "train_lightning",
 ]
-
-#: The validation batches' key of the rows' groups.
-GROUP_KEY = "group"
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
@@ -244,7 +239,7 @@ def train_lightning(
         groups=GROUPS,
         records_dir=config.records_dir,
         generate_max_new_tokens=config.max_new_tokens,
-        eos_token_id=_end_of_answer(model, tokenizer),
+        eos_token_id=end_of_answer(model, tokenizer),
     )
     history = History(METRIC_KEYS)
     # Lightning's start-up notes (GPU/TPU available, tips) say nothing about the demo.
@@ -261,12 +256,6 @@ def train_lightning(
     finally:
         lightning_logger.setLevel(level)
     return history.rows
-
-
-def _end_of_answer(model: nn.Module, tokenizer: Any) -> int | None:
-    """None (the model's own end-of-sequence id) when its config gives one, else the
-    tokenizer's ``</s>``."""
-    return None if end_of_sequence_ids(model, None) else tokenizer.eos_token_id
 
 
 def _trainer(config: DemoConfig, history: History, epochs: int) -> pl.Trainer:

@@ -475,6 +475,15 @@ def run_demo(config: DemoConfig | None = None, **overrides: Any) -> DemoResult:
         return _run(config)
 
 
+def _use_threads(threads: int | None) -> int:
+    """Set torch's threads for this process and the processes it starts (DDP re-runs the
+    command, which reads ``OMP_NUM_THREADS``); return the number."""
+    threads = threads or 1
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def _can_draw() -> bool:
     """Whether :func:`plot_history` can run (matplotlib is an extra of its own)."""
     try:
@@ -494,6 +503,9 @@ def _run(config: DemoConfig) -> DemoResult:
         )
     rank_zero = _is_rank_zero()
     say = print if (config.verbose and rank_zero) else (lambda *args, **kwargs: None)
+    threads = _use_threads(config.threads)
+    why = "" if config.threads else " (the tiny model runs fastest on one; --threads N to change)"
+    say(f"torch threads: {threads} per process{why}")
     draw = _can_draw()
     if not draw:  # said before training, not after it
         say(f"matplotlib is not installed: this run writes no {PNG_NAME} ({DEMO_EXTRA}).")
