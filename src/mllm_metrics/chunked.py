@@ -106,7 +106,7 @@ def supervised_head_predictions(
     Returns:
         The predictions, shifted target and row NLL.
 
-    Example:
+    Examples:
         >>> import torch
         >>> head = torch.nn.Linear(2, 3, bias=False)
         >>> with torch.no_grad():

@@ -40,7 +40,7 @@ def version() -> str:
     From the installed package's metadata; ``mllm_metrics.__version__`` when it is not
     installed (e.g. run from a source tree on ``PYTHONPATH``).
 
-    Example:
+    Examples:
         >>> import mllm_metrics
         >>> version() == mllm_metrics.__version__  # an install of this source tree
         True
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: the subcommand's; 0 for ``--help`` and ``--version``; 2 (with the
         usage on stderr) without a command or with an unknown one.
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +ELLIPSIS
         mllm-metrics ...
         0

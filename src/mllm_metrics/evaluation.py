@@ -181,7 +181,7 @@ class Evaluation(nn.Module):
             the processes (Lightning); False when every process is handed the rows of all
             (``Trainer``'s gather).
 
-    Example:
+    Examples:
         >>> import torch
         >>> evaluation = Evaluation(groups=["vqa", "ocr"], nll_key="nll")
         >>> evaluation.update(BatchResult(

@@ -151,7 +151,7 @@ class EvaluationForward:
             never generates.
         eos_token_id: the id(s) that end an answer; default the model's.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics.demo import TinyLlavaForCausalLM, make_multimodal_batch
         >>> from mllm_metrics.demo import tiny_llava_config

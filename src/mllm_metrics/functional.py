@@ -166,7 +166,7 @@ def causal_shift(preds_or_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
     Returns:
         ``(preds, target)``: int token ids of shape (B, L-1) and ``labels[:, 1:]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics.functional import causal_shift
         >>> logits = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]])
@@ -277,7 +277,7 @@ def bit_match_accuracy(
         zero_division: value returned when there is no supervised position.
         validate_args: check label values (costs a host-device sync).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics.functional import bit_match_accuracy
         >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -309,7 +309,7 @@ def exact_match_accuracy(
         zero_division: value returned when no row has a supervised position.
         validate_args: check label values (costs a host-device sync).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics.functional import exact_match_accuracy
         >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
@@ -395,7 +395,7 @@ def text_bit_match_accuracy(
         alphabet: characters to keep, e.g. ``"01"`` to score only the bits of an answer.
         zero_division: value returned when there is no character to compare.
 
-    Example:
+    Examples:
         >>> from mllm_metrics.functional import text_bit_match_accuracy
         >>> text_bit_match_accuracy(["0110", "01"], ["0111", "011"])
         tensor(0.7143)
@@ -418,7 +418,7 @@ def text_exact_match(
         target: reference strings, one per prediction.
         zero_division: value returned for empty inputs.
 
-    Example:
+    Examples:
         >>> from mllm_metrics.functional import text_exact_match
         >>> text_exact_match(["0110", "01", ""], ["0110", "011", ""])
         tensor(0.6667)

@@ -57,7 +57,7 @@ _PROMPT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 def answer_spans(labels: Tensor, ignore_index: int = -100) -> list[tuple[int, int] | None]:
     """Each row's last maximal run of supervised labels, as ``(start, end)``; None without one.
 
-    Example:
+    Examples:
         >>> answer_spans(torch.tensor([[-100, 5, 6, -100, 7, 8], [-100, -100, -100, -100, -100, 1],
         ...                            [-100] * 6]))
         [(4, 6), (5, 6), None]
@@ -97,7 +97,7 @@ def build_prompts(
     text as the prompt (its image placeholders must still meet their images) and is not
     counted (its reference is None).
 
-    Example:
+    Examples:
         >>> batch = {"input_ids": torch.tensor([[1, -200, 7, 8, 2, 0], [1, 9, 9, 6, 6, 2]]),
         ...          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
         ...          "labels": torch.tensor([[-100, -100, -100, 8, 2, -100],

@@ -71,7 +71,7 @@ def group_ids(
         ValueError: for a value not in ``groups`` or a length other than ``rows``.
         TypeError: for anything else than a list of str or an integer tensor.
 
-    Example:
+    Examples:
         >>> group_ids(["ocr", "vqa", "ocr"], ["vqa", "ocr"], 3, torch.device("cpu"))
         tensor([1, 0, 1])
 
@@ -147,7 +147,7 @@ class GroupedMetric(_SumStates):
         groups: the group names, in the order of the positions a tensor ``group`` holds.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics import BitMatchAccuracy, GroupedMetric
         >>> metric = GroupedMetric(BitMatchAccuracy(), groups=["vqa", "ocr", "caption"])

@@ -474,7 +474,7 @@ def aligned_forward(
             ``prepare_inputs_labels_for_multimodal`` gets ``input_ids`` with image placeholders
             but no image/video tensor (the collate function dropped it).
 
-    Example:
+    Examples:
         >>> import torch
         >>> class Expanding(torch.nn.Module):  # one image placeholder becomes 3 positions
         ...     def prepare_inputs_labels_for_multimodal(self, input_ids, labels):
@@ -744,7 +744,7 @@ def expose_processed_labels(model: nn.Module) -> ProcessedLabelsHandle:
     Returns:
         A handle whose ``remove()`` undoes everything.
 
-    Example:
+    Examples:
         >>> import torch
         >>> class Expanding(torch.nn.Module):
         ...     def prepare_inputs_labels_for_multimodal(self, labels):

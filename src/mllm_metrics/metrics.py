@@ -244,7 +244,7 @@ class BitMatchAccuracy(_TokenCountRatio):
             keeps only the free shape, dtype and device checks.
         kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ...).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics import BitMatchAccuracy
         >>> metric = BitMatchAccuracy()
@@ -295,7 +295,7 @@ class ExactMatchAccuracy(_TokenCountRatio):
         validate_args: check label values on every update (a host-device sync).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics import ExactMatchAccuracy
         >>> metric = ExactMatchAccuracy()
@@ -344,7 +344,7 @@ class TokenNLL(_TokenCountRatio):
         validate_args: check label values on every update (a host-device sync).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics import TokenNLL
         >>> metric = TokenNLL()
@@ -407,7 +407,7 @@ class TextBitMatchAccuracy(_CountRatio):
         zero_division: value returned when no character has been seen.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> from mllm_metrics import TextBitMatchAccuracy
         >>> metric = TextBitMatchAccuracy(alphabet="01")
         >>> metric(["0110", "0 1"], ["0111", "011"])  # (3 + 2) / (4 + 3)
@@ -448,7 +448,7 @@ class TextExactMatch(_CountRatio):
         zero_division: value returned when no string has been seen.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> from mllm_metrics import TextExactMatch
         >>> metric = TextExactMatch()
         >>> metric(["0110", "01"], ["0110", "011"])
@@ -518,7 +518,7 @@ class GeneratedBitMatch(_CountRatio):
         zero_division: value returned when no token has been seen.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> from mllm_metrics import GeneratedBitMatch
         >>> metric = GeneratedBitMatch()
         >>> metric([[5, 6, 2], [7, 2]], [[5, 6, 2], [7, 8, 2]])  # (3 + 1) / (3 + 3)
@@ -551,7 +551,7 @@ class GeneratedExactMatch(_CountRatio):
         zero_division: value returned when no answer has been seen.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> from mllm_metrics import GeneratedExactMatch
         >>> metric = GeneratedExactMatch()
         >>> metric([[5, 6, 2], [7, 2]], [[5, 6, 2], [7, 8, 2]])
@@ -619,7 +619,7 @@ def causal_lm_metrics(
     Returns:
         A collection with the keys ``bit_match`` and ``exact_match``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics import causal_lm_metrics
         >>> metrics = causal_lm_metrics(prefix="val/")

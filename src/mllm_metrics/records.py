@@ -57,7 +57,7 @@ def records_file_name(
         dataloader_idx: the dataloader, when the evaluation has several.
         counter: ``step`` is a call counter (the step is unknown).
 
-    Example:
+    Examples:
         >>> records_file_name("val", 300), records_file_name("val", 300, dataloader_idx=1)
         ('val_step0000300.jsonl', 'val_step0000300_dl1.jsonl')
         >>> records_file_name("eval", 2, counter=True)
@@ -113,7 +113,7 @@ def row_statistics(
         ``{"supervised_tokens": [...], "correct_tokens": [...], "exact": [...], "nll": [...]}``
         with one Python value per row (``exact`` is None for a row without supervised label).
 
-    Example:
+    Examples:
         >>> preds = torch.tensor([[1, 2, 3], [4, 5, 6]])
         >>> target = torch.tensor([[1, 2, 0], [-100, -100, -100]])
         >>> row_statistics(preds, target, torch.tensor([2.5, 0.0]), -100)
@@ -139,7 +139,7 @@ class SampleRecords:
     Each sample is kept as one small tuple: its place in the order (``key``, any sortable
     value) and its fields.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> records = SampleRecords()
         >>> records.add([(1, 0), (0, 0)], {"supervised_tokens": [2, 3], "exact": [True, False]})

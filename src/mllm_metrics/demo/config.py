@@ -64,7 +64,7 @@ def missing_dependencies(backend: str = "lightning") -> list[str]:
     Returns:
         Their import names, in a fixed order; empty when everything is installed.
 
-    Example:
+    Examples:
         >>> missing_dependencies("hf")  # with mllm-metrics[demo] installed
         []
     """
@@ -193,7 +193,7 @@ class DemoConfig:
     def max_new_tokens(self) -> int | None:
         """The generation budget the Lightning back-end uses: None when it does not generate.
 
-        Example:
+        Examples:
             >>> DemoConfig().max_new_tokens, DemoConfig(bits=9).max_new_tokens
             (20, 13)
             >>> DemoConfig(generate_max_new_tokens=0).max_new_tokens is None

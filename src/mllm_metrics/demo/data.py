@@ -72,7 +72,7 @@ def char_tokenizer() -> Any:
     Returns:
         The tokenizer; ``len(tokenizer)`` is its vocabulary size.
 
-    Example:
+    Examples:
         >>> tokenizer = char_tokenizer()
         >>> ids = tokenizer("0110", add_special_tokens=False)["input_ids"]
         >>> ids
@@ -103,7 +103,7 @@ def grid_side(bits: int, multiple: int = 1) -> int:
     Returns:
         The side, in cells.
 
-    Example:
+    Examples:
         >>> grid_side(16), grid_side(12), grid_side(9), grid_side(9, multiple=2)
         (4, 4, 3, 4)
     """
@@ -132,7 +132,7 @@ def ones_group(answer: str) -> str:
     Returns:
         One of :data:`GROUPS`.
 
-    Example:
+    Examples:
         >>> ones_group("0110"), ones_group("0111"), ones_group("0001")
         ('few-ones', 'many-ones', 'few-ones')
     """
@@ -161,7 +161,7 @@ def draw_bit_images(
         ``(N, 1, side * cell_size, side * cell_size)`` float32 images; cells past the last bit
         are mid-gray.
 
-    Example:
+    Examples:
         >>> draw_bit_images(torch.tensor([[1, 0, 0]]), cell_size=1, noise=0.0)
         tensor([[[[1.0000, 0.0000],
                   [0.0000, 0.5000]]]])
@@ -193,7 +193,7 @@ def decode_bit_images(images: Tensor, bits: int, cell_size: int) -> Tensor:
     Returns:
         ``(N, bits)`` int64 tensor of 0/1.
 
-    Example:
+    Examples:
         >>> images = draw_bit_images(torch.tensor([[0, 1, 1, 0, 1]]), cell_size=2, noise=0.0)
         >>> decode_bit_images(images, bits=5, cell_size=2)
         tensor([[0, 1, 1, 0, 1]])
@@ -220,7 +220,7 @@ class BitImageDataset(Dataset):
     A row is ``{"image": (1, H, W) tensor, "answer": "0110...", "group": "few-ones"}``, its
     group given by :func:`ones_group`.
 
-    Example:
+    Examples:
         >>> data = BitImageDataset(3, bits=4, seed=0, cell_size=2)
         >>> len(data), data[0]["image"].shape, data[0]["answer"], data[0]["group"]
         (3, torch.Size([1, 4, 4]), '0110', 'few-ones')
@@ -268,7 +268,7 @@ class BitImageCollator:
             removes it before calling the model. None (the default) leaves them out:
             ``transformers.Trainer`` passes every key of the batch to the model's ``forward``.
 
-    Example:
+    Examples:
         >>> collate = BitImageCollator(char_tokenizer())
         >>> batch = collate([BitImageDataset(1, bits=4, seed=0)[0]])
         >>> batch["input_ids"].tolist(), batch["labels"].tolist()
@@ -324,7 +324,7 @@ class StepSampler(DistributedSampler):
         num_replicas: number of processes.
         rank: this process.
 
-    Example:
+    Examples:
         >>> rows = list(range(8))
         >>> list(StepSampler(rows, batch_size=4, micro_batches=2))
         [0, 2, 1, 3, 4, 6, 5, 7]

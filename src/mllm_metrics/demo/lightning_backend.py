@@ -44,7 +44,7 @@ def cosine_factor(step: int, total_steps: int) -> float:
 
     The same numbers as ``transformers``' ``lr_scheduler_type="cosine"`` without warmup.
 
-    Example:
+    Examples:
         >>> [round(cosine_factor(step, 4), 3) for step in range(5)]
         [1.0, 0.854, 0.5, 0.146, 0.0]
     """

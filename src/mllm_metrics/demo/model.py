@@ -74,7 +74,7 @@ class TinyLlavaConfig(LlamaConfig):
             re-padded.
         **kwargs: Forwarded to :class:`~transformers.LlamaConfig`, over :data:`TINY_DEFAULTS`.
 
-    Example:
+    Examples:
         >>> cfg = TinyLlavaConfig()
         >>> cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
         (32, 2, 64)
@@ -114,7 +114,7 @@ def tiny_llava_config(**overrides: Any) -> TinyLlavaConfig:
     Returns:
         The config.
 
-    Example:
+    Examples:
         >>> cfg = tiny_llava_config(tokenizer_padding_side="left")
         >>> cfg.hidden_size, cfg.vocab_size, cfg.tokenizer_padding_side
         (32, 64, 'left')
@@ -132,7 +132,7 @@ class TinyLlavaForCausalLM(LlamaForCausalLM):
     Args:
         config: The model config.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> model = TinyLlavaForCausalLM(tiny_llava_config()).eval()
         >>> batch = make_multimodal_batch([[1, -200, 5], [1, 7]], [[9, 2], [8, 8, 2]],
@@ -397,7 +397,7 @@ def make_multimodal_batch(
         ``{"input_ids", "attention_mask", "labels"}`` as ``(B, L)`` int64 tensors, plus
         ``"images"`` when given, ready for ``model(**batch)``.
 
-    Example:
+    Examples:
         >>> b = make_multimodal_batch([[1, -200], [1]], [[5, 2], [6]])
         >>> b["input_ids"].tolist(), b["labels"].tolist(), b["attention_mask"].tolist()
         ([[1, -200, 5, 2], [1, 6, 0, 0]], [[-100, -100, 5, 2], [-100, 6, -100, -100]], \

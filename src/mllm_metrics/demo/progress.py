@@ -24,7 +24,7 @@ _WIDTH = 80
 def format_values(values: Mapping[str, float]) -> str:
     """The text after the bar: the latest validation's :data:`SHOWN_KEYS`.
 
-    Example:
+    Examples:
         >>> format_values({"val/loss": 0.1, "val/bit_match": 0.9634, "val/exact_match": 0.5})
         'val bit_match 0.963 exact_match 0.500'
         >>> format_values({})
@@ -44,7 +44,7 @@ class StepBar:
         file: where to draw; default ``sys.stderr`` (``tqdm``'s).
         ncols: the line's width; default the terminal's, at most 80 columns.
 
-    Example:
+    Examples:
         >>> import io
         >>> out = io.StringIO()
         >>> bar = StepBar(4, file=out)

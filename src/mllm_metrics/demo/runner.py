@@ -183,7 +183,7 @@ def format_table(history: Sequence[Mapping[str, float]]) -> str:
     A value that is missing or nan (the ``gen_*`` columns of a run that does not generate,
     e.g. ``--backend hf``) shows as ``-``.
 
-    Example:
+    Examples:
         >>> row = {"step": 0, "val/loss": 3.51, "val/bit_match": 0.1, "val/exact_match": 0.0}
         >>> header, rule, first = format_table([row]).splitlines()
         >>> header.startswith("| step | val/loss | val/bit_match | val/exact_match |")
@@ -332,7 +332,7 @@ def plot_history(
     Returns:
         The matplotlib figure.
 
-    Example:
+    Examples:
         >>> rows = [{"step": 0, "val/loss": 3.5, "val/bit_match": 0.2, "val/exact_match": 0.0,
         ...          "val/text_bit_match": 0.2, "val/text_exact_match": 0.0,
         ...          "val/gen_bit_match": 0.1, "val/gen_exact_match": 0.0}]

@@ -159,7 +159,7 @@ def preprocessed_fields(
             for one with generation.
         references: each row's reference answer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mllm_metrics.hf import StreamingMetrics
         >>> ids, labels = torch.tensor([[5, 6], [7, 7]]), torch.tensor([[5, 6], [7, 8]])

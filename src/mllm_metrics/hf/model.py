@@ -462,7 +462,7 @@ def expose_processed_labels(
         on the deep copies made of it meanwhile. A model pickled meanwhile (without a chunk size
         or metrics) and loaded keeps its hooks and config keys.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from types import SimpleNamespace
         >>> class Expanding(torch.nn.Module):  # one image placeholder becomes 3 positions

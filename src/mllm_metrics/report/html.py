@@ -86,7 +86,7 @@ def page_data(series_list: Sequence[Series]) -> dict[str, Any]:
         with ``flipsNote`` saying why. The page starts on the last evaluation of the first eval
         set.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> from mllm_metrics.report.series import group_series
         >>> records = [{"index": 0, "supervised_tokens": 2, "correct_tokens": 1,
@@ -367,7 +367,7 @@ def format_html(
     Returns:
         The page.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> records = [{"index": 0, "supervised_tokens": 2, "correct_tokens": 1,
         ...             "exact": False, "nll": 1.5, "prediction": "<b>", "reference": "<i>"}]

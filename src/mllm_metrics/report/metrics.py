@@ -62,7 +62,7 @@ class Summary:
 def share(record: Mapping[str, Any]) -> float:
     """The share of a sample's supervised tokens that are correct; nan without any.
 
-    Example:
+    Examples:
         >>> share({"supervised_tokens": 4, "correct_tokens": 3}), share(
         ...     {"supervised_tokens": 0, "correct_tokens": 0})
         (0.75, nan)
@@ -73,7 +73,7 @@ def share(record: Mapping[str, Any]) -> float:
 def has_error(record: Mapping[str, Any]) -> bool:
     """Whether a sample has a supervised token that was predicted wrong (teacher-forced).
 
-    Example:
+    Examples:
         >>> has_error({"supervised_tokens": 4, "correct_tokens": 3})
         True
         >>> has_error({"supervised_tokens": 0, "correct_tokens": 0})
@@ -130,7 +130,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> Summary:
     Returns:
         The :class:`Summary`; a ratio with nothing to count (0/0) is ``nan``.
 
-    Example:
+    Examples:
         >>> records = [
         ...     {"supervised_tokens": 4, "correct_tokens": 4, "exact": True, "nll": 0.4,
         ...      "group": "a"},

@@ -141,7 +141,7 @@ def scan_records(path: str | Path) -> RecordsScan:
     Raises:
         FileNotFoundError: when ``path`` is not a directory.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     good = '{"index": 0, "supervised_tokens": 4, "correct_tokens": 3, '
@@ -215,7 +215,7 @@ def load_records(path: str | Path) -> list[RecordsFile]:
         ValueError: on the first records file that cannot be read (see :func:`scan_records`);
             the message names the file, the line and what was wrong.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     _ = Path(tmp, "val_step0000300_dl1.jsonl").write_text(

@@ -102,7 +102,7 @@ class EvalSet:
     def same_run(self, before: RecordsFile, after: RecordsFile) -> str | None:
         """Why ``before`` and ``after`` are not two evaluations of one run, or None if they are.
 
-        Example:
+        Examples:
             >>> from pathlib import Path
             >>> def file(step, mtime):
             ...     record = {"index": 0, "supervised_tokens": 1, "correct_tokens": 1,
@@ -238,7 +238,7 @@ def difference(before: RecordsFile, after: RecordsFile) -> str | None:
     Returns:
         None, or a sentence that gives the counts and a first example.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> def file(step, references):
         ...     records = [{"index": i, "supervised_tokens": 3, "correct_tokens": 3,
@@ -358,7 +358,7 @@ def group_series(files: Sequence[RecordsFile]) -> list[Series]:
         The series, sorted by stage, dataloader (none first) and kind, each with the notes the
         report must show (empty when the series is one eval set written by one run).
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> def file(step, reference, mtime):
         ...     record = {"index": 0, "supervised_tokens": 3, "correct_tokens": 3,
@@ -434,7 +434,7 @@ def comparable_text(eval_set: EvalSet, samples: int) -> str:
     Returns:
         A phrase: the fields compared per index, and a caution when there was no reference.
 
-    Example:
+    Examples:
         >>> print(comparable_text(EvalSet(1, 1, [], ("supervised tokens", "reference")), 3))
         the same 3 indexes, each with the same supervised tokens and reference
         >>> print(comparable_text(EvalSet(1, 1, [], ("supervised tokens",)), 3))
@@ -468,7 +468,7 @@ def flips(before: RecordsFile, after: RecordsFile) -> Flips:
         ValueError: when the two evaluations are not of the same eval set: matching them by
             index would compare different samples.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> def file(step, exact):
         ...     records = [{"index": i, "supervised_tokens": 2, "correct_tokens": 2 * e,

@@ -67,7 +67,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     Returns:
         The ticks, increasing.
 
-    Example:
+    Examples:
         >>> nice_ticks(0, 1)
         [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
         >>> nice_ticks(0, 1000)
@@ -126,7 +126,7 @@ def line_chart(
         a ``<polyline>`` per stretch of defined points of each line (class ``line``,
         ``data-label`` the line's label) and a ``<circle>`` per defined point.
 
-    Example:
+    Examples:
         >>> svg = line_chart([Line("all", [(0, 0.5), (10, 1.0)], "#000")], title="bit-match",
         ...                  x_label="step", y_range=(0, 1))
         >>> svg.startswith("<svg") and svg.count("<polyline") == 1 and svg.count("<circle") == 2

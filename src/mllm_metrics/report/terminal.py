@@ -114,7 +114,7 @@ def worst_samples(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
     Returns:
         The records with an error, in that order.
 
-    Example:
+    Examples:
         >>> records = [
         ...     {"index": 0, "supervised_tokens": 4, "correct_tokens": 4, "nll": 0.1},
         ...     {"index": 1, "supervised_tokens": 4, "correct_tokens": 2, "nll": 1.0},
@@ -255,7 +255,7 @@ def format_report(
     Raises:
         ValueError: when ``worst`` is negative.
 
-    Example:
+    Examples:
         >>> records = [
         ...     {"index": 0, "supervised_tokens": 4, "correct_tokens": 3, "exact": False,
         ...      "nll": 2.0, "prediction": "0100", "reference": "0101"},
@@ -302,7 +302,7 @@ def curve_sets(files: Sequence[RecordsFile]) -> list[tuple[str, list[RecordsFile
         ``(name, files sorted by step)`` per series, eval set and run: ``"val"``, ``"val dl1"``,
         ``"eval (calls)"``, with ``" set 2"`` and ``" run 2"`` when a series has several.
 
-    Example:
+    Examples:
         >>> record = {"index": 0, "supervised_tokens": 2, "correct_tokens": 1, "exact": False,
         ...           "nll": 1.0}
         >>> files = [RecordsFile("val", s, "step", d, Path(f"{s}{d}"), [record])
@@ -339,7 +339,7 @@ def plot_report(files: Sequence[RecordsFile], out_png: str | Path, dpi: int = 15
     Raises:
         ModuleNotFoundError: when matplotlib is not installed (the message says what to install).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> record = {"index": 0, "supervised_tokens": 2, "correct_tokens": 1, "exact": False,
         ...           "nll": 1.0}
