@@ -32,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from _hf_setup import SpellTokenizer, counting_metrics
+from _hf_setup import HAS_BATCH_EVAL_METRICS, SpellTokenizer, counting_metrics
 from _parity import parity_collate
 from _reference import favour_token
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
@@ -146,10 +146,10 @@ def trainer_evaluation(groups: tuple[str, ...], output_dir: str) -> dict:
         arguments = TrainingArguments(
             output_dir=output_dir,
             per_device_eval_batch_size=BATCH_SIZE,
-            batch_eval_metrics=True,
             report_to=[],
             use_cpu=True,
             disable_tqdm=True,
+            **({"batch_eval_metrics": True} if HAS_BATCH_EVAL_METRICS else {}),
         )
         trainer = Trainer(
             model=model,

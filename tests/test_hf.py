@@ -330,7 +330,21 @@ def test_remove_unused_columns_trap_gets_a_clear_error(llava_style, tmp_path):
         assert trainer.evaluate()["eval_bit_match"] > 0
 
 
-def test_forward_signature_is_kept_and_undo_survives_accelerate_mixed_precision(tmp_path):
+@pytest.fixture
+def mixed_precision_state():
+    """transformers 4.37's `TrainingArguments(bf16=True)` sets ACCELERATE_MIXED_PRECISION in the
+    process's environment, and accelerate keeps a singleton state: undo both after a test that
+    turns mixed precision on, so that later Trainers run in float32."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_forward_signature_is_kept_and_undo_survives_accelerate_mixed_precision(
+    tmp_path, mixed_precision_state
+):
     model = tiny_llava()  # not the shared fixture: accelerate's bf16 forward stays on the model
     rows = llava_style_rows(model, 4)
     signature = inspect.signature(model.forward)

@@ -16,7 +16,11 @@ from torch.utils.data import DataLoader
 transformers = pytest.importorskip("transformers")
 pl = pytest.importorskip("lightning.pytorch")
 
-from _hf_setup import counting_metrics, llava_style_reference  # noqa: E402
+from _hf_setup import (  # noqa: E402
+    HAS_BATCH_EVAL_METRICS,
+    counting_metrics,
+    llava_style_reference,
+)
 from _parity import BATCH_SIZE, parity_collate, parity_model, parity_rows  # noqa: E402
 from transformers import EvalPrediction, Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import EvalLoopOutput  # noqa: E402
@@ -33,7 +37,7 @@ def _arguments(tmp_path, **extra) -> TrainingArguments:
         "report_to": [],
         "use_cpu": True,
         "disable_tqdm": True,
-        "batch_eval_metrics": True,
+        **({"batch_eval_metrics": True} if HAS_BATCH_EVAL_METRICS else {}),
         **extra,
     }
     return TrainingArguments(**options)
