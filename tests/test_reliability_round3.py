@@ -255,3 +255,29 @@ def test_a_text_column_without_group_key_is_named_before_transformers_complains(
     module = MultimodalLMModule(model, generate_max_new_tokens=4)  # no group_key
     with pytest.raises(ValueError, match="'task' holds strings.*group_key='task'"):
         _lightning_trainer().validate(module, DataLoader([batch], batch_size=None), verbose=False)
+
+
+@pytest.mark.parametrize("packed", ["position_ids", "cu_seq_lens_q"])
+def test_a_packed_batch_is_an_error_not_one_sample_per_row(packed):
+    from mllm_metrics.forward import EvaluationForward
+
+    model = parity_model()
+    input_ids = torch.tensor([[1, 5, 6, 2, 1, 7, 2]])  # two sequences in one padding-free row
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if packed == "position_ids":
+        batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    else:
+        batch["cu_seq_lens_q"] = torch.tensor([0, 4, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"packs several sequences.*{packed}"):
+        EvaluationForward(logits_chunk_size=2)(model, batch)
+
+
+def test_left_padding_positions_are_not_taken_for_packing():
+    from mllm_metrics.forward import EvaluationForward
+
+    model = parity_model()
+    input_ids = torch.tensor([[0, 0, 1, 5, 2], [1, 6, 7, 5, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])  # HF's left-padding positions
+    batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+    EvaluationForward(logits_chunk_size=2)(model, batch | {"labels": input_ids.clone()})

@@ -135,6 +135,30 @@ def _check_no_stray_text(model: nn.Module, batch: Mapping[str, Any]) -> None:
             )
 
 
+# Keys of a padding-free ("packed") batch: several sequences in one row, told apart by these.
+_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
+
+
+def _check_not_packed(batch: Mapping[str, Any]) -> None:
+    """Raise for a padding-free batch (several sequences packed into one row): every metric
+    that counts samples (exact-match, groups, records) would count the row as one."""
+    packed = next((key for key in _PACKED_KEYS if batch.get(key) is not None), None)
+    positions, mask = batch.get("position_ids"), batch.get("attention_mask")
+    if packed is None and isinstance(positions, Tensor) and positions.ndim == 2:
+        steps = positions[:, 1:] < positions[:, :-1]  # a position that restarts within a row
+        if isinstance(mask, Tensor) and mask.shape == positions.shape:
+            steps &= mask[:, 1:].bool() & mask[:, :-1].bool()  # not left padding's own positions
+        if bool(steps.any()):
+            packed = "position_ids"
+    if packed is not None:
+        raise ValueError(
+            f"The batch packs several sequences into one row (its `{packed}` says so): "
+            "exact-match, the groups and the records would count each row as one sample. "
+            "Evaluate without packing (TRL: `SFTConfig(padding_free=False, packing=False)` for "
+            "the eval set)."
+        )
+
+
 class EvaluationForward:
     """One evaluation batch through the model, to the :class:`BatchResult` the core counts.
 
@@ -242,6 +266,7 @@ class EvaluationForward:
         group = self.group_ids(batch, self._device_of(model))
         model_inputs = self.model_batch(batch)
         _check_no_stray_text(model, model_inputs)
+        _check_not_packed(model_inputs)
         own_forward = model_loss and self.logits_chunk_size is None
         split = None if own_forward else self._split_forward(model, model_inputs)
         loss = None
