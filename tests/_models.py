@@ -200,7 +200,7 @@ def llava_signature_model(**overrides):
                     attention_mask,
                     past_key_values,
                     labels,
-                    images[used] if used else None,
+                    images[used],
                 )
             finally:
                 if own is None:
