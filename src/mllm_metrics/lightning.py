@@ -40,9 +40,6 @@ from mllm_metrics.repeats import BatchSamples, distributed_sampler_of, track_rep
 __all__ = ["MultimodalLMModule"]
 
 
-__all__ = ["MultimodalLMModule"]
-
-
 class MultimodalLMModule(pl.LightningModule):
     """Train and validate a (multimodal) causal LM on the labels its logits really align with.
 
@@ -102,17 +99,23 @@ class MultimodalLMModule(pl.LightningModule):
         group_key: the batch key that holds each row's group (a list of names, or an int
             tensor ``(B,)`` of positions in ``groups``); it is removed from the batch before
             the model sees it. Adds ``val/bit_match/<group>``, ``val/exact_match/<group>`` and
-            ``val/loss/<group>`` for every group, and ``val/bit_match/macro`` and
-            ``val/exact_match/macro``, the means over the groups that have data (see
-            :class:`~mllm_metrics.GroupedMetric`). Needs ``groups``.
-        groups: the group names, every value ``batch[group_key]`` may hold.
+            ``val/loss/<group>`` for every group that has data (no data, no number), and
+            ``val/bit_match/macro`` and ``val/exact_match/macro``, the means over those groups
+            (see :class:`~mllm_metrics.GroupedMetric`), logged once at each epoch end (one sync
+            per grouped metric, however many groups). Needs ``groups``.
+        groups: the group names, every value ``batch[group_key]`` may hold, in the same order
+            on every process (checked at the first sync: ``sorted(set(names))``, never
+            ``list(set(names))``, whose order differs between processes).
         records_dir: after every validation/test epoch (not the sanity check), write one JSON
             Lines file of per-sample records there, ``{stage}_step{global_step:07d}.jsonl``
             (``..._dl{N}.jsonl`` with several dataloaders); see :mod:`mllm_metrics.records`.
-            Lines follow the order one process sees the samples (under DDP, the sampler's order
-            over all processes, each sample once); with ``group_key`` they hold ``group``, with
-            a ``tokenizer`` ``prediction`` and ``reference``, with generation ``gen_exact``
-            (and ``generated``, decoded, with a tokenizer).
+            Lines follow the data set's order (the data-set indices the loader's sampler drew,
+            on one process and under DDP alike, each sample once; a second evaluation at the
+            same step gets ``-2``); with ``group_key`` they hold ``group``, with a ``tokenizer``
+            ``prediction`` and ``reference``, with generation ``gen_exact`` (and
+            ``generated``, decoded, with a tokenizer). Checked at set-up: a directory that
+            cannot be written is an error before anything runs. After each write, the trainer's
+            loggers get the samples' table (see :mod:`mllm_metrics.trackers`).
         generate_max_new_tokens: also decode greedily, at each validation/test step, from each
             row's prompt (everything before its last run of supervised labels, images
             included, as the data set gives it) for at most this many tokens, stopping at the
@@ -130,7 +133,7 @@ class MultimodalLMModule(pl.LightningModule):
         generate_every_n_validations: generate in every n-th validation only (the sanity
             check and test runs always generate); the ``gen_*`` keys are logged in those.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from torch.utils.data import DataLoader
@@ -437,7 +440,13 @@ class MultimodalLMModule(pl.LightningModule):
             evaluation.clear_records()
             return
         name = records_file_name(stage, self.trainer.global_step, dataloader_idx)
-        evaluation.write_records(self.records_dir / name)
+        path = evaluation.write_records(self.records_dir / name)
+        # ---- experiment trackers: the samples' table, from the records just gathered ----
+        if self.trainer.is_global_zero and evaluation.last_records is not None:
+            from mllm_metrics.trackers import log_lightning_tables
+
+            log_lightning_tables(self, stage, dataloader_idx, evaluation.last_records, path)
+        # ---- end of experiment trackers ----
 
     def _every_process_has_every_loader(self, stage: str) -> bool:
         """Whether every process gets at least one batch of each loader that has data.

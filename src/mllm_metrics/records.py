@@ -37,6 +37,7 @@ from mllm_metrics.functional import _bit_match_rows, _exact_match_rows
 __all__ = [
     "SampleRecords",
     "check_records_dir",
+    "free_path",
     "records_file_name",
     "row_statistics",
     "write_records_file",
@@ -88,7 +89,7 @@ def check_records_dir(path: Path) -> str | None:
     return None
 
 
-def _free_path(path: Path) -> Path:
+def free_path(path: Path) -> Path:
     """``path``, or ``<stem>-2.jsonl``, ``-3``... when an earlier evaluation wrote it (a second
     evaluation at the same step: ``validate()`` after ``fit()``, two eval sets, a rerun)."""
     candidate, repeat = path, 1
@@ -232,7 +233,7 @@ def write_records_file(path: Path, records: Sequence[dict[str, Any]]) -> Path | 
         the path written, or None.
 
     """
-    path = _free_path(path)
+    path = free_path(path)
     partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -247,7 +247,7 @@ class StreamingMetrics:
             :mod:`mllm_metrics.generation`.
         eos_token_id: the id(s) that end a generated answer; default the model's.
 
-    Example:
+    Examples:
         >>> import torch
         >>> streaming = StreamingMetrics()
         >>> logits = torch.zeros(2, 4, 8)  # (batch, seq_len, vocab): what the model returns
@@ -535,7 +535,13 @@ class StreamingMetrics:
             name = records_file_name(prefix, self._evaluations_written, counter=True)
         else:
             name = records_file_name(prefix, step)
-        self.evaluation.write_records(self.records_dir / name, gather=False)
+        path = self.evaluation.write_records(self.records_dir / name, gather=False)
+        # ---- experiment trackers: the samples' table, from the records just gathered ----
+        if self.evaluation.last_records is not None and step is not None:
+            from mllm_metrics.trackers import log_trainer_tables
+
+            log_trainer_tables(self, prefix, self.evaluation.last_records, path)
+        # ---- end of experiment trackers ----
 
     def update(self, result: BatchResult) -> None:
         """Add one gathered batch to the sums; a bad batch changes nothing."""

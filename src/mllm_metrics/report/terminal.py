@@ -129,7 +129,8 @@ def worst_samples(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
     return wrong
 
 
-def _worst(file: RecordsFile, count: int) -> list[str]:
+def worst_section(file: RecordsFile, count: int) -> list[str]:
+    """The report's "worst samples" lines of one evaluation (Markdown), at most ``count``."""
     scored = [record for record in file.records if record["supervised_tokens"] > 0]
     if not scored:
         return [f"No sample with supervised tokens at {file.moment}."]
@@ -182,7 +183,8 @@ def _flip_list(name: str, flipped: list[Mapping[str, Any]], count: int) -> list[
     return lines
 
 
-def _flips(eval_set: EvalSet, count: int) -> list[str]:
+def flips_section(eval_set: EvalSet, count: int) -> list[str]:
+    """The report's flips lines between the two evaluations the report compares (Markdown)."""
     choice = default_flips(eval_set)
     if choice.flips is None:
         note = choice.note
@@ -226,8 +228,8 @@ def _series_section(series: Series, worst: int) -> str:
         if eval_set.of > 1:
             lines += [f"### eval set {eval_set.number} of {eval_set.of}", ""]
         lines += [*_metrics_table(eval_set), ""]
-        lines += [*_worst(eval_set.last, worst), ""]
-        lines += [*_flips(eval_set, worst), ""]
+        lines += [*worst_section(eval_set.last, worst), ""]
+        lines += [*flips_section(eval_set, worst), ""]
     return "\n".join(lines).rstrip("\n")
 
 
