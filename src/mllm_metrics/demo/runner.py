@@ -503,6 +503,8 @@ def _run(config: DemoConfig) -> DemoResult:
         )
     rank_zero = _is_rank_zero()
     say = print if (config.verbose and rank_zero) else (lambda *args, **kwargs: None)
+    # The demo runs on CPUs: DeepSpeed, when installed, would say so at its import by transformers.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = _use_threads(config.threads)
     why = "" if config.threads else " (the tiny model runs fastest on one; --threads N to change)"
     say(f"torch threads: {threads} per process{why}")
