@@ -23,7 +23,7 @@ other processes falls on both alike (peak RSS above the RSS before each; wall ti
 of each under ``tracemalloc`` for the Python heap: a callback's ``on_validation_epoch_start`` /
 ``on_validation_epoch_end`` (Lightning calls the callbacks' hooks before the module's, so the
 end is just before the records are written) reads the traced memory, and a wrapper around
-``SampleRecords.write`` counts the records and their deep size at that moment.
+``Evaluation.write_records`` counts the records and their deep size at that moment.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def child(variant: str, size: int) -> None:
     import lightning.pytorch as pl
 
     from mllm_metrics.demo import char_tokenizer
+    from mllm_metrics.evaluation import Evaluation
     from mllm_metrics.lightning import MultimodalLMModule
-    from mllm_metrics.records import SampleRecords
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_num_threads(THREADS)
@@ -159,18 +159,19 @@ def child(variant: str, size: int) -> None:
         return torch.utils.data.DataLoader(subset, batch_size=BATCH, collate_fn=collate)
 
     write_seen: list[dict[str, Any]] = []
-    write = SampleRecords.write
+    write = Evaluation.write_records
 
-    def measured_write(self: SampleRecords, path: Path, gather: bool = True) -> Path | None:
+    def measured_write(self: Evaluation, path: Path | None, gather: bool | None = None) -> Any:
         """Instrumentation only: the records and their deep size just before the write."""
-        seen = {"records": len(self), "deep_bytes": deep_size(self._samples)}
+        records = self.records
+        seen = {"records": len(records), "deep_bytes": deep_size(records._samples)}
         start = time.perf_counter()
         written = write(self, path, gather)
         seen["write_seconds"] = time.perf_counter() - start
         write_seen.append(seen)
         return written
 
-    SampleRecords.write = measured_write
+    Evaluation.write_records = measured_write
 
     class Meter(pl.Callback):
         """At the epoch end, before the module writes the records: the process's RSS, or under
@@ -249,7 +250,8 @@ def child(variant: str, size: int) -> None:
             )
         on = results["on" + suffix]
         on.update(write_seen[-1], write_seconds=statistics.median(write_seconds))
-        [path] = (Path(out) / "records").iterdir()
+        # One file per validation (a validation at the same step gets "-2", "-3"...): the last.
+        path = max((Path(out) / "records").iterdir(), key=lambda file: file.stat().st_mtime_ns)
         on["file_bytes"] = path.stat().st_size
         with path.open() as file:
             records = [json.loads(line) for line in file]
@@ -379,7 +381,7 @@ def main() -> None:
                 "heap held − records off, per sample (B)",
                 "file (KiB)",
                 "file per sample (B)",
-                "`SampleRecords.write` (ms)",
+                "`Evaluation.write_records` (ms)",
             ],
             rows,
         )
@@ -450,8 +452,8 @@ def main() -> None:
         "RSS table holds everything.\n"
         "- Records' deep size: `sys.getsizeof` of the kept list, its tuples and every object "
         "they hold, each object once (group names and small ints are shared), measured by a "
-        "wrapper around `SampleRecords.write` just before it writes; 'heap held − records off' "
-        "is the heap held of the same N minus the module's without `records_dir`.\n"
+        "wrapper around `Evaluation.write_records` just before it writes; 'heap held − records "
+        "off' is the heap held of the same N minus the module's without `records_dir`.\n"
         "- RSS: before each timed validation `gc.collect()` and glibc `malloc_trim(0)`, then "
         "VmRSS is read and the kernel's peak mark reset (`/proc/self/clear_refs`); 'held at "
         "epoch end' is VmRSS in the callback's `on_validation_epoch_end` minus that RSS, 'peak' "
