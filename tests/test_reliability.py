@@ -317,6 +317,36 @@ def test_the_padding_is_the_one_of_the_iteration_that_drew_the_batches():
     assert flagged == padding and len(padding) == 1
 
 
+def test_the_padding_is_read_once_per_iteration_also_without_prefetching():
+    # A loop that takes each batch's rows before drawing the next (no prefetch) empties the
+    # record between batches: the padding is still read once, at the iteration's start, so a
+    # `set_epoch` during the iteration changes nothing and a large eval set costs O(N), not
+    # O(N) per batch.
+    dataset = list(range(7))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0)
+    share, padding = _rank_indices(7, 2, 1, shuffle=True)
+    tracked, tracker = track_repeats(DataLoader(dataset, batch_size=1, sampler=sampler), "loader")
+    reads = 0
+    fix_repeats = tracker._fix_repeats
+
+    def counting_fix_repeats():
+        nonlocal reads
+        reads += 1
+        fix_repeats()
+
+    tracker._fix_repeats = counting_fix_repeats
+    flagged, drawn = set(), []
+    for epoch, batch in enumerate(tracked, start=1):
+        (repeated,) = tracker.next_batch(1).repeated or [False]
+        drawn.append(batch.item())
+        if repeated:
+            flagged.add(batch.item())
+        sampler.set_epoch(epoch)
+    assert sorted(drawn) == sorted(share) and len(drawn) == 4
+    assert flagged == padding and len(padding) == 1
+    assert reads == 1
+
+
 def test_the_users_loader_is_left_as_it_is():
     dataset = list(range(5))
     sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)

@@ -98,8 +98,10 @@ class _RecordingIndexSampler(Sampler):
 
     def __iter__(self) -> Iterator[Any]:
         record = self.tracker._start()
+        began = False
         for entry in self.index_sampler:
-            if not record:  # the sampler has begun this iteration: its padding is now fixed
+            if not began:  # the sampler has begun this iteration: its padding is now fixed
+                began = True
                 self.tracker._fix_repeats()
             record.append(entry)
             yield entry
