@@ -225,7 +225,8 @@ def test_a_deep_copy_calls_its_own_forward_when_the_instance_had_one():
     handle.remove()
 
 
-def test_a_models_logit_soft_cap_is_applied_by_the_split(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_models_logit_soft_cap_is_applied_by_the_split(dtype, tmp_path):
     if not hasattr(transformers, "Gemma2Config"):
         pytest.skip("this transformers release has no Gemma2")
     from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -241,7 +242,8 @@ def test_a_models_logit_soft_cap_is_applied_by_the_split(tmp_path):
         head_dim=8,
         final_logit_softcapping=5.0,
     )
-    model = Gemma2ForCausalLM(config).eval()
+    # bfloat16: the cap runs in the head's dtype, as in the model, before the loss upcasts.
+    model = Gemma2ForCausalLM(config).to(dtype).eval()
     input_ids = torch.randint(16, (2, 6), generator=torch.Generator().manual_seed(0))
     labels = input_ids.clone()
     labels[:, :2] = -100

@@ -132,9 +132,10 @@ def supervised_head_predictions(
         for start in range(0, rows.numel(), chunk_size):
             chunk_rows = rows[start : start + chunk_size]
             chunk_positions = positions[start : start + chunk_size]
-            logits = head(hidden[chunk_rows, chunk_positions]).float()
-            if logit_transform is not None:
+            logits = head(hidden[chunk_rows, chunk_positions])
+            if logit_transform is not None:  # in the head's dtype, as the model applies it
                 logits = logit_transform(logits)
+            logits = logits.float()
             chunk_target = target[chunk_rows, chunk_positions].long()
             maxima, preds[chunk_rows, chunk_positions] = logits.max(dim=-1)  # one pass for both
             nll = _nll_in_place(logits, chunk_target, maxima)
@@ -177,7 +178,8 @@ def argmax_in_chunks(
 
 def is_sharded_module(module: nn.Module) -> bool:
     """Whether calling ``module`` gathers its own parameters from the other processes: DeepSpeed
-    ZeRO-3 partitioned parameters, an FSDP2 module, or DTensor (sharded) parameters."""
+    ZeRO-3 partitioned parameters, an FSDP2 module, or DTensor (sharded) parameters. (Of a whole
+    model: :func:`~mllm_metrics.forward.is_sharded`.)"""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     fsdp_module = getattr(fsdp, "FSDPModule", None)
     if fsdp_module is not None and isinstance(module, fsdp_module):

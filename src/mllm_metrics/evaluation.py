@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +88,41 @@ class BatchResult:
             return list(range(self.rows))
         return [row for row, kept in enumerate(self.samples.tolist()) if kept]
 
-    def only_samples(self, ignore_index: int) -> BatchResult:
-        """The batch with every row that is not a sample made count nowhere: its labels all
-        ``ignore_index`` and its NLL 0, so no metric counts it."""
+    def only_samples(self) -> BatchResult:
+        """The batch without the rows that are not samples of the eval set.
+
+        They are removed, not masked: a user's metric may count a row without labels (as
+        torchmetrics' ``MulticlassExactMatch`` counts it a match).
+        """
         if self.samples is None:
             return self
-        repeated = ~self.samples.to(device=self.target.device, dtype=torch.bool)
-        row_nll = self.row_nll
-        if row_nll is not None:
-            row_nll = row_nll.masked_fill(repeated.to(row_nll.device), 0.0)
-        target = self.target.masked_fill(repeated.unsqueeze(1), ignore_index)
-        return replace(self, target=target, row_nll=row_nll)
+        kept = self.kept_rows()
+        index = torch.tensor(kept, dtype=torch.long)
+
+        def rows_of(value: Any) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, Tensor):
+                return value[index.to(value.device)]
+            return [value[row] for row in kept]
+
+        return BatchResult(
+            preds=rows_of(self.preds),
+            target=rows_of(self.target),
+            row_nll=rows_of(self.row_nll),
+            keys=rows_of(self.keys),
+            group=rows_of(self.group),
+            generated=rows_of(self.generated),
+            references=rows_of(self.references),
+        )
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
+        raise TypeError(
+            "Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
+            f"got {type(tokenizer).__name__}."
+        )
 
 
 def _never_distributed() -> bool:
@@ -110,9 +134,10 @@ def _local_only(modules: nn.Module) -> nn.Module:
 
     For values that were gathered before the update (``Trainer`` hands every process the rows of
     all processes): an all-reduce would count each of them once per process. In torchmetrics
-    ``sync_on_compute`` is copied into a private flag at construction; the attribute
-    ``Metric.sync`` reads at every call is ``distributed_available_fn`` (a documented
-    constructor argument), so that is the switch.
+    ``sync_on_compute`` is copied into a private flag at construction (and again after each
+    ``forward``), so setting it is not enough; ``Metric.sync`` checks
+    ``distributed_available_fn`` (a documented constructor argument) at every call, so that is
+    the switch, and the flags follow it for ``forward``.
     """
     for module in modules.modules():
         if isinstance(module, Metric):
@@ -212,11 +237,7 @@ class Evaluation(nn.Module):
             raise TypeError(
                 f"Expected `ignore_index` to be an int, got {type(ignore_index).__name__}."
             )
-        if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
-            raise TypeError(
-                "Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
-                f"got {type(tokenizer).__name__}."
-            )
+        _check_tokenizer(tokenizer)
         self.ignore_index = ignore_index
         self.nll_key = nll_key
         self.tokenizer = tokenizer
@@ -262,6 +283,11 @@ class Evaluation(nn.Module):
             grouped[self.nll_key] = GroupedMetric(TokenNLL(self.ignore_index), self.groups)
         return nn.ModuleDict(grouped)
 
+    @property
+    def rows_seen(self) -> int:
+        """The rows of every batch added since the last reset (also those not samples)."""
+        return self._rows_seen
+
     # ---- the metrics, as objects (what Lightning logs) ------------------------------------------
 
     def state_metrics(self) -> list[Metric]:
@@ -299,9 +325,11 @@ class Evaluation(nn.Module):
 
         """
         self._check(result)
-        counted = result.only_samples(self.ignore_index)
+        kept = result.kept_rows()
         with self.whole_or_nothing():
-            self._update_metrics(counted, result.kept_rows(), keep_records)
+            if kept:
+                self._update_metrics(result.only_samples(), kept, keep_records)
+            self._rows_seen += result.rows
 
     @contextmanager
     def whole_or_nothing(self) -> Iterator[None]:
@@ -340,22 +368,38 @@ class Evaluation(nn.Module):
                 )
         if (result.group is None) != (self.groups is None):
             raise ValueError(
-                "The batch carries group ids but the evaluation has no groups"
+                "The batch carries group ids but the evaluation has no groups: pass `groups=` "
+                "(with `group_key=`) when building it, or leave the group ids out."
                 if self.groups is None
-                else "The evaluation has groups but the batch carries no group ids"
+                else f"The evaluation has groups {list(self.groups)} but the batch carries no "
+                "group ids. Likely cause: fields built by hand without `group=`, or a model "
+                "exposed without the object that has the groups."
             )
         if result.generated is not None and self.generated is None:
-            raise ValueError("The batch carries generated answers but generation is off.")
+            raise ValueError(
+                "The batch carries generated answers but the evaluation was built without "
+                "generation (`generate_max_new_tokens`): they would count nowhere."
+            )
         if (result.generated is None) != (result.references is None):
-            raise ValueError("Generated answers and their references go together.")
+            given, missing = ("generated answers", "references")
+            if result.generated is None:
+                given, missing = missing, given
+            raise ValueError(
+                f"The batch carries {given} but no {missing}: a generated answer is scored "
+                "against its reference, so both come together (None for a row without one)."
+            )
 
     def _update_metrics(self, result: BatchResult, kept: list[int], keep_records: bool) -> None:
+        """Update every metric with ``result``, the rows that are samples; ``kept`` are their
+        rows in the batch as it arrived (what numbers them when the batch has no keys)."""
         preds, target, row_nll = result.preds, result.target, result.row_nll
         self.tokens.update(preds, target)
         if self.nll is not None:
             if row_nll is None:
                 raise ValueError(
-                    "The evaluation computes the NLL but the batch carries no `row_nll`."
+                    "The evaluation computes the NLL but the batch carries no `row_nll` (each "
+                    "row's summed NLL). Pass it (`preprocessed_fields(ids, labels, row_nll)`), "
+                    "or turn the NLL off (`StreamingMetrics(nll=False)`, `nll_key=None`)."
                 )
             supervised = (target != self.ignore_index).sum()
             self.nll._update_sums(row_nll.sum(dtype=torch.float64), supervised)
@@ -363,19 +407,16 @@ class Evaluation(nn.Module):
         if self.grouped is not None:
             assert result.group is not None and self.groups is not None
             self._update_groups(preds, target, row_nll, result.group)
-            columns["group"] = [self.groups[i] for i in result.group[kept].tolist()]
+            columns["group"] = [self.groups[i] for i in result.group.tolist()]
         if self.text is not None:
-            texts = _decoded_supervised_spans(
-                self.tokenizer, preds, target, self.ignore_index, kept
-            )
-            has_label = (target != self.ignore_index).any(dim=1)[kept].tolist()
+            texts = _decoded_supervised_spans(self.tokenizer, preds, target, self.ignore_index)
+            has_label = (target != self.ignore_index).any(dim=1).tolist()
             self.text.update(*([t for t, keep in zip(side, has_label) if keep] for side in texts))
             columns["prediction"], columns["reference"] = texts
         if self.generated is not None:
-            columns |= self._update_generated(result, kept)
+            columns |= self._update_generated(result)
         if self.records is not None and keep_records:
             self._add_records(result, kept, columns)
-        self._rows_seen += result.rows
 
     def _update_groups(
         self, preds: Tensor, target: Tensor, row_nll: Tensor | None, group: Tensor
@@ -390,22 +431,22 @@ class Evaluation(nn.Module):
             assert row_nll is not None
             self.grouped[self.nll_key]._update_rows(row_nll.to(target.device), supervised, group)
 
-    def _update_generated(self, result: BatchResult, kept: list[int]) -> dict[str, list[Any]]:
-        """Update the ``gen_*`` metrics with the kept rows that were generated and have a
+    def _update_generated(self, result: BatchResult) -> dict[str, list[Any]]:
+        """Update the ``gen_*`` metrics with the rows that were generated and have a
         reference; their record fields (null elsewhere)."""
         assert self.generated is not None
-        column: dict[str, list[Any]] = {"gen_exact": [None] * len(kept)}
+        column: dict[str, list[Any]] = {"gen_exact": [None] * result.rows}
         if self.tokenizer is not None:
-            column["generated"] = [None] * len(kept)
+            column["generated"] = [None] * result.rows
         if result.generated is None or result.references is None:
             return column
         counted = [
-            i
-            for i, row in enumerate(kept)
-            if result.generated[row] is not None and result.references[row] is not None
+            row
+            for row, (answer, reference) in enumerate(zip(result.generated, result.references))
+            if answer is not None and reference is not None
         ]
-        answers = [result.generated[kept[i]] for i in counted]
-        references = [result.references[kept[i]] for i in counted]
+        answers = [result.generated[row] for row in counted]
+        references = [result.references[row] for row in counted]
         self.generated["gen_bit_match"].update(answers, references)
         self.generated["gen_exact_match"].update(answers, references)
         for i, answer, reference in zip(counted, answers, references):
@@ -422,17 +463,13 @@ class Evaluation(nn.Module):
     def _add_records(self, result: BatchResult, kept: list[int], columns: dict[str, Any]) -> None:
         assert self.records is not None
         keys = result.keys
-        if keys is None or any(keys[row] is None for row in kept):
+        if keys is None or any(key is None for key in keys):
             # The order the rows arrive in, interleaved over the processes as a
             # DistributedSampler deals them (one process: the order of the batches).
             world, rank = (1, 0) if not self.distributed else _world_and_rank()
-            keys = [((self._rows_seen + row) * world + rank, 0) for row in range(result.rows)]
-        rows = torch.tensor(kept, dtype=torch.long, device=result.target.device)
-        row_nll = None if result.row_nll is None else result.row_nll[rows]
-        statistics = row_statistics(
-            result.preds[rows], result.target[rows], row_nll, self.ignore_index
-        )
-        self.records.add([keys[row] for row in kept], statistics | columns)
+            keys = [((self._rows_seen + row) * world + rank, 0) for row in kept]
+        statistics = row_statistics(result.preds, result.target, result.row_nll, self.ignore_index)
+        self.records.add(list(keys), statistics | columns)
 
     # ---- the values ------------------------------------------------------------------------
 
@@ -448,14 +485,19 @@ class Evaluation(nn.Module):
 
     def compute_groups(self) -> dict[str, Tensor]:
         """``<metric>/<group>`` for the groups with data, and ``bit_match/macro``,
-        ``exact_match/macro`` (the NLL has no macro: a mean of losses over groups is not
-        a loss)."""
-        values: dict[str, Tensor] = {}
+        ``exact_match/macro`` (see :meth:`group_values`)."""
+        return {
+            f"{name}/{key}": grouped.compute()[key] for name, grouped, key in self.group_values()
+        }
+
+    def group_values(self) -> Iterator[tuple[str, GroupedMetric, str]]:
+        """``(metric name, its grouped metric, key)`` of each per-group value: one per group
+        with data, and the macro means (none for the NLL: a mean of losses over groups is not
+        a loss). Computes each grouped metric (once: torchmetrics caches the value)."""
         for name, grouped in (self.grouped or {}).items():
-            for key, value in grouped.compute().items():
+            for key in grouped.compute():
                 if key != MACRO or name != self.nll_key:
-                    values[f"{name}/{key}"] = value
-        return values
+                    yield name, grouped, key
 
     def reset(self) -> None:
         """Zero every metric and forget the records: a new evaluation."""

@@ -28,10 +28,11 @@ from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.chunked import (
     _check_chunk_size,
     argmax_in_chunks,
+    is_sharded_module,
     supervised_head_predictions,
 )
 from mllm_metrics.evaluation import BatchResult
-from mllm_metrics.functional import _check_token_inputs, _row_nll, causal_shift
+from mllm_metrics.functional import _check_token_inputs, _hf_ignored, _row_nll, causal_shift
 from mllm_metrics.generation import (
     _accepts,
     build_prompts,
@@ -46,19 +47,11 @@ from mllm_metrics.labels import (
     _label_producers,
     aligned_forward,
     aligned_hidden_states,
+    batch_rows,
     select_aligned_labels,
 )
 
 __all__ = ["EvaluationForward", "is_sharded", "batch_rows"]
-
-
-def batch_rows(batch: Mapping[str, Any]) -> int | None:
-    """The number of rows of a dict batch (of its ``labels`` or ``input_ids``), or None."""
-    for key in ("labels", "input_ids"):
-        value = batch.get(key)
-        if isinstance(value, Tensor):
-            return value.shape[0]
-    return None
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -68,24 +61,11 @@ def is_sharded(model: nn.Module) -> bool:
     whatever its data. Decided from the model itself, so a user's own strategy, accelerate or
     plain torchrun are recognised as well as Lightning's and ``Trainer``'s."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # no model is sharded before its import
-    fsdp_types = tuple(
-        kind
-        for kind in (
-            getattr(fsdp, "FSDPModule", None),
-            getattr(fsdp, "FullyShardedDataParallel", None),
-        )
-        if kind is not None
+    fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
+    return any(
+        (fsdp1 is not None and isinstance(module, fsdp1)) or is_sharded_module(module)
+        for module in model.modules()
     )
-    if fsdp_types and any(isinstance(module, fsdp_types) for module in model.modules()):
-        return True
-    tensor = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(tensor, "DTensor", None)
-    for parameter in model.parameters():
-        if hasattr(parameter, "ds_id"):  # DeepSpeed ZeRO-3 partitions every parameter
-            return True
-        if dtensor is not None and isinstance(parameter, dtensor):
-            return True
-    return False
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -279,7 +259,7 @@ class EvaluationForward:
             labels = self._checked_labels(labels, model_inputs)
             preds, target = causal_shift(logits, labels)
             _check_token_inputs(logits[:, :-1], target, self.ignore_index)
-            row_nll = _row_nll(logits[:, :-1], target, self.ignore_index).double()
+            row_nll = _row_nll(logits[:, :-1], target, self.ignore_index)
         else:
             labels = self._checked_labels(split.labels, model_inputs)
             chunked = supervised_head_predictions(
@@ -322,7 +302,7 @@ class EvaluationForward:
                 f"The evaluation batch has no `labels` (keys: {sorted(batch)}); the metrics "
                 "compare the model's predictions with the labels, so the batch must hold them."
             )
-        return labels
+        return _hf_ignored(labels, self.ignore_index)
 
     def _split_forward(
         self, model: nn.Module, batch: Mapping[str, Any]

@@ -211,17 +211,31 @@ def _exact_match_update(preds: Tensor, target: Tensor, ignore_index: int) -> tup
 
 
 def _row_nll(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """Summed NLL of each row's supervised labels (float32, as ``ForCausalLMLoss`` upcasts).
+    """Summed NLL of each row's supervised labels, float64 (B,).
 
-    One row at a time, so at most one ``L x V`` float32 copy of the logits exists at once.
+    Each token's NLL in float32 (as ``ForCausalLMLoss`` upcasts), summed in float64 as the
+    supervised-only head sums them, so both paths add the same values the same way. One row at
+    a time, so at most one ``L x V`` float32 copy of the logits exists at once.
     """
     rows = [
         torch.nn.functional.cross_entropy(
-            row_logits.float(), row_target.long(), ignore_index=ignore_index, reduction="sum"
-        )
+            row_logits.float(), row_target.long(), ignore_index=ignore_index, reduction="none"
+        ).sum(dtype=torch.float64)
         for row_logits, row_target in zip(logits, target)
     ]
-    return torch.stack(rows) if rows else logits.new_zeros(0, dtype=torch.float32)
+    return torch.stack(rows) if rows else logits.new_zeros(0, dtype=torch.float64)
+
+
+#: The label Hugging Face models write where nothing is supervised (image features, padding),
+#: and ``Trainer`` pads with: never a token, so ignored whatever ``ignore_index`` is.
+HF_IGNORE_INDEX = -100
+
+
+def _hf_ignored(labels: Tensor, ignore_index: int) -> Tensor:
+    """``labels`` with every -100 set to ``ignore_index`` (one ignore value per position)."""
+    if ignore_index == HF_IGNORE_INDEX:
+        return labels
+    return labels.masked_fill(labels == HF_IGNORE_INDEX, ignore_index)
 
 
 def _token_nll_update(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -235,14 +249,12 @@ def _decoded_supervised_spans(
     preds: Tensor,
     target: Tensor,
     ignore_index: int,
-    rows: Sequence[int] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Each row's predicted and reference ids at its supervised positions, decoded
-    (``skip_special_tokens=True``); all rows, or ``rows``."""
+    (``skip_special_tokens=True``)."""
     supervised = target != ignore_index
-    rows = range(target.shape[0]) if rows is None else rows
-    predicted = [preds[row][supervised[row]].tolist() for row in rows]
-    expected = [target[row][supervised[row]].tolist() for row in rows]
+    predicted = [row[mask].tolist() for row, mask in zip(preds, supervised)]
+    expected = [row[mask].tolist() for row, mask in zip(target, supervised)]
     return (
         tokenizer.batch_decode(predicted, skip_special_tokens=True),
         tokenizer.batch_decode(expected, skip_special_tokens=True),

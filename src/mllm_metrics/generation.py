@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mllm_metrics._warning import MllmMetricsWarning
+from mllm_metrics.functional import _hf_ignored
 from mllm_metrics.labels import PREPARE_METHOD, _is_sharded_fsdp_root, run_in_root_forward
 
 __all__ = [
@@ -121,7 +122,7 @@ def build_prompts(
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
     prompts, references = [], []
-    for row, span in enumerate(answer_spans(labels, ignore_index)):
+    for row, span in enumerate(answer_spans(_hf_ignored(labels, ignore_index), ignore_index)):
         if span is not None and not mask[row, : span[0]].any():
             span = None  # nothing to answer from: not counted, like a row without an answer
         end = input_ids.shape[1] if span is None else span[0]

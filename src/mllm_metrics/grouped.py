@@ -117,7 +117,11 @@ def group_ids(
             f"of positions in `groups`, got {type(group).__name__}."
         )
     if len(ids) != rows:
-        raise ValueError(f"Got groups for {len(ids)} rows, but the batch has {rows} rows.")
+        raise ValueError(
+            f"Got groups for {len(ids)} rows, but the batch has {rows} rows: each row needs its "
+            "group. Likely cause: a collate function that builds the group column from other "
+            "rows than the tensors (or a model that adds or drops rows)."
+        )
     return ids
 
 

@@ -339,13 +339,19 @@ def _check_placeholders_have_modality(
     )
 
 
+def batch_rows(batch: Mapping[str, Any]) -> int | None:
+    """The number of rows of a dict batch (of its ``labels`` or ``input_ids``), or None."""
+    for key in ("labels", "input_ids"):
+        value = batch.get(key)
+        if isinstance(value, Tensor):
+            return value.shape[0]
+    return None
+
+
 def _check_every_row_kept(model: nn.Module, batch: Mapping[str, Any], rows: int) -> None:
     """Raise when the model's output has fewer (or more) rows than the batch: a row the model
     dropped would silently count in no metric."""
-    given = next(
-        (v.shape[0] for k in ("input_ids", "labels") if isinstance(v := batch.get(k), Tensor)),
-        None,
-    )
+    given = batch_rows(batch)
     if given is None or given == rows:
         return
     method = getattr(model, PREPARE_METHOD, model.forward)
@@ -805,7 +811,8 @@ _OTHER_TRANSFORMS = (
 
 
 class _SoftCap:
-    """``tanh(logits / cap) * cap``, in float32 (as the models compute it after their head)."""
+    """``tanh(logits / cap) * cap``, as the models compute it after their head (in the head's
+    dtype; their loss upcasts the result to float32)."""
 
     def __init__(self, cap: float) -> None:
         self.cap = float(cap)

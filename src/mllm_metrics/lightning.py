@@ -31,7 +31,7 @@ from torchmetrics import Metric, MetricCollection
 
 from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.chunked import DEFAULT_LOGITS_CHUNK_SIZE
-from mllm_metrics.evaluation import BatchResult, Evaluation
+from mllm_metrics.evaluation import BatchResult, Evaluation, _check_tokenizer
 from mllm_metrics.forward import EvaluationForward, batch_rows
 from mllm_metrics.grouped import _GroupValue
 from mllm_metrics.records import check_records_dir, records_file_name
@@ -179,26 +179,16 @@ class MultimodalLMModule(pl.LightningModule):
             eos_token_id=eos_token_id,
         )
         _check_generation_schedule(limit_generate_batches, generate_every_n_validations)
-        if tokenizer is not None and not callable(getattr(tokenizer, "batch_decode", None)):
-            raise TypeError(
-                f"Expected a tokenizer with a `batch_decode` method (a Hugging Face tokenizer), "
-                f"got {type(tokenizer).__name__}."
-            )
+        _check_tokenizer(tokenizer)
         # The plain arguments go into checkpoints and LightningCLI's hparams.yaml; the model,
         # metrics and tokenizer are objects the caller passes again to `load_from_checkpoint`.
         self.save_hyperparameters(ignore=["model", "metrics", "tokenizer"])
         self.model = model
         self.tokenizer = tokenizer
-        self.ignore_index = ignore_index
         self.text_alphabet = text_alphabet
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.logits_chunk_size = logits_chunk_size
-        self.group_key = group_key
-        self.groups = self.model_side.groups
         self.records_dir = None if records_dir is None else Path(records_dir)
-        self.generate_max_new_tokens = generate_max_new_tokens
-        self.eos_token_id = eos_token_id
         self.limit_generate_batches = limit_generate_batches
         self.generate_every_n_validations = generate_every_n_validations
         # Kept out of the module tree: only the evaluations' copies hold states Lightning logs.
@@ -208,6 +198,37 @@ class MultimodalLMModule(pl.LightningModule):
         self._validations = 0
         self._log_at_epoch_end: dict[str, bool] = {}
         self._group_values: dict[tuple[str, str, str], _GroupValue] = {}
+
+    # The model side's settings, read-only: set at construction, they shape every evaluation.
+    @property
+    def ignore_index(self) -> int:
+        """The label value of unsupervised positions (-100 is ignored as well)."""
+        return self.model_side.ignore_index
+
+    @property
+    def logits_chunk_size(self) -> int | None:
+        """The supervised-only head's chunk size; None for the model's full logits."""
+        return self.model_side.logits_chunk_size
+
+    @property
+    def group_key(self) -> str | None:
+        """The batch key of each row's group."""
+        return self.model_side.group_key
+
+    @property
+    def groups(self) -> tuple[str, ...] | None:
+        """The group names, in order."""
+        return self.model_side.groups
+
+    @property
+    def generate_max_new_tokens(self) -> int | None:
+        """The longest free-running answer; None without generation."""
+        return self.model_side.generate_max_new_tokens
+
+    @property
+    def eos_token_id(self) -> int | Sequence[int] | None:
+        """The ids that end a free-running answer (default: the model's)."""
+        return self.model_side.eos_token_id
 
     def forward(self, **batch: Any) -> Any:
         """Call the wrapped model."""
@@ -419,18 +440,13 @@ class MultimodalLMModule(pl.LightningModule):
         if evaluation.grouped is None:
             return
         options = {"on_step": False, "on_epoch": True, "add_dataloader_idx": False}
-        for name, grouped in evaluation.grouped.items():
-            for key in grouped.compute():
-                if key == "macro" and name == evaluation.nll_key:
-                    continue
-                index = (f"{stage}_{dataloader_idx}", name, key)
-                value = self._group_values.get(index)
-                if value is None or value._grouped[0] is not grouped:
-                    value = self._group_values[index] = _GroupValue(grouped, key)
-                attribute = f"evaluations.{index[0]}.grouped.{name}"
-                self.log(
-                    f"{stage}/{name}/{key}{suffix}", value, metric_attribute=attribute, **options
-                )
+        for name, grouped, key in evaluation.group_values():
+            index = (f"{stage}_{dataloader_idx}", name, key)
+            value = self._group_values.get(index)
+            if value is None or value._grouped[0] is not grouped:
+                value = self._group_values[index] = _GroupValue(grouped, key)
+            attribute = f"evaluations.{index[0]}.grouped.{name}"
+            self.log(f"{stage}/{name}/{key}{suffix}", value, metric_attribute=attribute, **options)
 
     def _write_records(
         self, stage: str, dataloader_idx: int | None, evaluation: Evaluation

@@ -385,7 +385,7 @@ class TokenNLL(_TokenCountRatio):
         super()._check(logits, target)
 
     def _row_sums(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        nll = _row_nll(logits, target, self.ignore_index).double()
+        nll = _row_nll(logits, target, self.ignore_index)
         return nll, (target != self.ignore_index).sum(dim=1)
 
 
