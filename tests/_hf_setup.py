@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ import transformers
 from _models import LLAVA_IMAGE_TOKEN, hf_llava_expands_inside
 from _reference import brute_force_bit_match, brute_force_exact_match, processed_labels_by_hand
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from torchmetrics import Metric
 from transformers import Trainer, TrainingArguments
 
-from mllm_metrics import BitMatchAccuracy, ExactMatchAccuracy
+from mllm_metrics import BitMatchAccuracy, ExactMatchAccuracy, MllmMetricsWarning
 from mllm_metrics.demo import TinyLlavaForCausalLM, make_multimodal_batch, tiny_llava_config
 from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
 
@@ -232,8 +234,11 @@ def hf_llava_labels_by_hand(model, batch: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def reference(model, rows: list[dict], batch_size: int, collate, aligned_labels) -> dict:
-    """Counts over the eval set, batch by batch as Trainer forms them, in plain Python."""
+def reference(
+    model, rows: list[dict], batch_size: int, collate, aligned_labels, also_ignored=None
+) -> dict:
+    """Counts over the eval set, batch by batch as Trainer forms them, in plain Python;
+    ``also_ignored``: a label ignored besides -100."""
     preds, targets, nll_sum = [], [], 0.0
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size])
@@ -242,6 +247,7 @@ def reference(model, rows: list[dict], batch_size: int, collate, aligned_labels)
         assert labels.shape == logits.shape[:2]
         log_probs = torch.log_softmax(logits, dim=-1)
         for row_logits, row_log_probs, row_labels in zip(logits, log_probs, labels.tolist()):
+            row_labels = [-100 if label == also_ignored else label for label in row_labels]
             preds.append(row_logits[:-1].argmax(-1).tolist())
             targets.append(row_labels[1:])
             for t, label in enumerate(row_labels[1:]):
@@ -294,8 +300,10 @@ def per_sample_reference(model, rows: list[dict], batch_size: int = 2) -> list[d
     return samples
 
 
-def llava_style_reference(model, rows: list[dict], batch_size: int) -> dict:
-    return reference(model, rows, batch_size, collate_llava_style, processed_labels_by_hand)
+def llava_style_reference(model, rows: list[dict], batch_size: int, also_ignored=None) -> dict:
+    return reference(
+        model, rows, batch_size, collate_llava_style, processed_labels_by_hand, also_ignored
+    )
 
 
 def hf_llava_reference(model, rows: list[dict], batch_size: int) -> dict:
@@ -360,6 +368,36 @@ def _interrupted_evaluate(model, rows, streaming, output_dir) -> int:
     raise AssertionError("the evaluation was not interrupted")
 
 
+class _Stream(IterableDataset):
+    """The eval set without a length."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def _without_length(model, rows: list[dict], output_dir: str) -> dict:
+    """evaluate() over an eval set without a length, each process reading it (LLaVA's batches of
+    varying length need ``dispatch_batches=False`` then): its results and our warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        streaming = StreamingMetrics(counting_metrics())
+        trainer = make_trainer(
+            model,
+            _Stream(rows),
+            collate_llava_style,
+            streaming,
+            output_dir,
+            False,
+            accelerator_config={"dispatch_batches": False},
+        )
+        results = trainer.evaluate()
+    ours = [str(w.message) for w in caught if issubclass(w.category, MllmMetricsWarning)]
+    return {"results": results, "warnings": ours}
+
+
 def _main(out_dir: str) -> None:
     torch.set_num_threads(1)
     model, rows = ddp_eval_set()
@@ -400,6 +438,7 @@ def _main(out_dir: str) -> None:
             )
             results["world_size"] = trainer.args.world_size
             results["backend"] = torch.distributed.get_backend()
+        results["without_length"] = _without_length(model, rows, tmp)
     rank = int(os.environ["RANK"])
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.barrier()

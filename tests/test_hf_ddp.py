@@ -111,3 +111,14 @@ def test_process_zero_writes_the_records_of_every_sample_once(
         results = rank[f"records:{key}"]
         assert results["eval_text_bit_match"] == pytest.approx(text_bit_match, rel=1e-6)
         assert results["eval_text_exact_match"] == pytest.approx(text_exact_match, rel=1e-6)
+
+
+def test_an_eval_set_without_a_length_is_not_silent(ranks_results):
+    # Each process reads the 7 rows itself and accelerate pads process 1's last batch with a
+    # sample of its first batch; without a length it cannot drop it, so the gather keeps it: 8
+    # rows. (Should accelerate learn to drop it, this test says the warning can go.)
+    for results in ranks_results:
+        run = results["without_length"]
+        assert run["results"]["eval_rows"] == 8
+        (warning,) = [w for w in run["warnings"] if "has no length" in w]
+        assert "dispatch_batches" in warning

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from reliability_ddp_job import LengthSortedBatchSampler
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
-from mllm_metrics import BitMatchAccuracy, ExactMatchAccuracy, TokenNLL, causal_lm_metrics
+from mllm_metrics import (
+    BitMatchAccuracy,
+    ExactMatchAccuracy,
+    MllmMetricsWarning,
+    TokenNLL,
+    causal_lm_metrics,
+)
 from mllm_metrics.repeats import track_repeats, tracker_of
 
 VOCAB = 6
@@ -555,11 +561,13 @@ def test_trainer_evaluate_after_an_interrupted_one_starts_from_zero(batch_eval_m
         trainer = make_trainer(model, rows, collate, streaming, tmp_path, True)
         collate.armed = True
         with pytest.raises(_Interrupt):
-            trainer.evaluate()  # two batches are in the sums when it stops
+            trainer.evaluate()  # the batches before it are in the sums when it stops
         assert streaming.metrics["supervised_tokens"].supervised_tokens.item() > 0
+        left = int(streaming.metrics["rows"].rows)
         collate.armed = False
         trainer = make_trainer(model, rows, collate, streaming, tmp_path, batch_eval_metrics)
-        results = trainer.evaluate()
+        with pytest.warns(MllmMetricsWarning, match=f"dropped the {left} rows of an evaluation"):
+            results = trainer.evaluate()
     assert results["eval_rows"] == expected["rows"] == 7
     for name in ("correct_tokens", "supervised_tokens"):
         assert results[f"eval_{name}"] == expected[name], name

@@ -18,21 +18,24 @@ Every field is one row per sample: the header, ids and labels (B, L), the row NL
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from mllm_metrics.functional import HF_IGNORE_INDEX
+
 #: The value ``Trainer`` pads predictions and labels with, across processes and batches.
-TRAINER_PAD_INDEX = -100
+TRAINER_PAD_INDEX = HF_IGNORE_INDEX
 
 _MAGIC = 0x6D6D4D  # "mmM": a header value no id, label or group position takes by chance
 #: Stages of a batch's fields.
 FORWARD, PREPROCESSED = 1, 2
 #: Which optional fields follow the ids and labels.
 HAS_NLL, HAS_GROUPS, HAS_GENERATION = 1, 2, 4
+#: A flag: the forward ignored the label -100 only (it was exposed without ``metrics``).
+IGNORES_ONLY_HF_INDEX = 8
 #: The evaluation number when it is unknown (the model was not exposed with a forward of ours).
 UNKNOWN_EVALUATION = -1
 
@@ -48,6 +51,8 @@ class Header:
     evaluation: int
     #: :func:`~mllm_metrics.grouped.groups_checksum` of the group names (0 without groups).
     groups_checksum: int = 0
+    #: The forward ignored the label -100 only, not the metrics' own ``ignore_index``.
+    ignores_only_hf_index: bool = False
 
     @property
     def size(self) -> int:
@@ -66,14 +71,15 @@ class Header:
 
     def tensor(self, rows: int, device: torch.device) -> Tensor:
         """The header field of a batch of ``rows`` rows."""
-        flags = HAS_NLL * self.nll + HAS_GROUPS * self.groups + HAS_GENERATION * self.generation
+        flags = (
+            HAS_NLL * self.nll
+            + HAS_GROUPS * self.groups
+            + HAS_GENERATION * self.generation
+            + IGNORES_ONLY_HF_INDEX * self.ignores_only_hf_index
+        )
         value = (_MAGIC << 16) | (self.stage << 8) | flags
         row = [value, self.evaluation, self.groups_checksum]
         return torch.tensor(row, dtype=torch.long, device=device).expand(rows, 3).clone()
-
-    def with_stage(self, stage: int) -> Header:
-        """The same fields at another stage."""
-        return dataclasses.replace(self, stage=stage)
 
 
 def read_header(value: object) -> Header | None:
@@ -112,6 +118,7 @@ def read_header(value: object) -> Header | None:
         generation=bool(flags & HAS_GENERATION),
         evaluation=int(value[:, 1].max()),
         groups_checksum=int(checksums[0]),
+        ignores_only_hf_index=bool(flags & IGNORES_ONLY_HF_INDEX),
     )
 
 
@@ -168,7 +175,9 @@ def preprocessed_fields(
 
     """
     generation = generated is not None or references is not None
-    header = Header(PREPROCESSED, row_nll is not None, group is not None, generation, -1)
+    header = Header(
+        PREPROCESSED, row_nll is not None, group is not None, generation, UNKNOWN_EVALUATION
+    )
     fields = [header.tensor(preds.shape[0], preds.device), preds, target]
     fields += [value for value in (row_nll, group) if value is not None]
     if generation:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -21,17 +23,25 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.evaluation import BatchResult, Evaluation
 from mllm_metrics.forward import EvaluationForward
-from mllm_metrics.functional import _check_label_values, _check_labels_dtype, _row_nll
+from mllm_metrics.functional import (
+    HF_IGNORE_INDEX,
+    _check_label_values,
+    _check_labels_dtype,
+    _hf_ignored,
+    _row_nll,
+    causal_shift,
+)
 from mllm_metrics.grouped import different_groups_message, groups_checksum
 from mllm_metrics.hf.fields import (
     FORWARD,
     PREPROCESSED,
-    TRAINER_PAD_INDEX,
     UNKNOWN_EVALUATION,
     Header,
     answers_of,
+    preprocessed_fields,
     read_header,
 )
 from mllm_metrics.labels import PREPARE_METHOD, PROCESSED_LABELS_FIELD, _is_processed_labels
@@ -161,21 +171,32 @@ def _weakly_referable(value: object) -> bool:
     return True
 
 
+def evaluation_loop_frame() -> FrameType | None:
+    """The frame of the ``Trainer`` evaluation (or prediction) loop running this call, or None.
+
+    ``Trainer`` hands ``compute_metrics`` neither the metric prefix nor the step, and a
+    subclass may run its own loop under the same name: its frame is where both are found.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _EVALUATION_LOOPS and "self" in frame.f_locals:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def _current_evaluation(number: int = UNKNOWN_EVALUATION) -> _Evaluation:
     """The evaluation of this call: ``number`` (from the batch) when known, else the loop's
     own objects; with the loop's prefix and step when its frame is found."""
-    frame = sys._getframe(1)
+    frame = evaluation_loop_frame()
     prefix = step = None
     container = None
-    while frame is not None:
-        if frame.f_code.co_name in _EVALUATION_LOOPS and "self" in frame.f_locals:
-            prefix = frame.f_locals.get("metric_key_prefix")
-            step = getattr(getattr(frame.f_locals["self"], "state", None), "global_step", None)
-            prefix = prefix if isinstance(prefix, str) else None
-            step = step if isinstance(step, int) else None
-            container = frame.f_locals.get("all_preds")
-            break
-        frame = frame.f_back
+    if frame is not None:
+        prefix = frame.f_locals.get("metric_key_prefix")
+        step = getattr(getattr(frame.f_locals["self"], "state", None), "global_step", None)
+        prefix = prefix if isinstance(prefix, str) else None
+        step = step if isinstance(step, int) else None
+        container = frame.f_locals.get("all_preds")
     if number != UNKNOWN_EVALUATION:
         return _Evaluation(number, prefix, step)
     if container is not None and _weakly_referable(container):
@@ -189,6 +210,39 @@ def _current_evaluation(number: int = UNKNOWN_EVALUATION) -> _Evaluation:
     except (AttributeError, IndexError):
         loader = None
     return _Evaluation(loader if _weakly_referable(loader) else None, prefix, step)
+
+
+def _warn_if_the_gather_keeps_repeats() -> None:
+    """Warn, at the last batch, when ``Trainer``'s gather cannot drop the samples that were
+    repeated to fill the processes' last batches.
+
+    accelerate drops them (``gather_for_metrics``) by the eval set's length; an eval set without
+    one (an ``IterableDataset``) read by each process itself (``dispatch_batches=False``) is
+    padded with samples of its first batch, which then count twice, by every metric.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() < 2:
+        return
+    state = sys.modules.get("accelerate.state")  # imported by Trainer; never imported here
+    gradient_state = getattr(state, "GradientState", None)
+    if gradient_state is None or not getattr(gradient_state, "_shared_state", None):
+        return
+    try:
+        current = gradient_state()
+        unknown = current.end_of_dataloader and current.remainder == -1
+    except (AttributeError, IndexError):
+        return
+    if unknown:
+        warnings.warn(
+            "The eval set has no length and each process reads it itself "
+            "(`dispatch_batches=False`), so accelerate cannot tell which samples of the last "
+            "batches were repeated to give every process a full batch: Trainer's gather keeps "
+            "any such repeats, and every metric counts them twice (up to processes x batch size "
+            "- 1 samples). Make the eval set a map-style data set (with a `__len__`).",
+            category=MllmMetricsWarning,
+            stacklevel=3,
+        )
 
 
 class StreamingMetrics:
@@ -345,6 +399,7 @@ class StreamingMetrics:
                 was not exposed with ``metrics=streaming``.
 
         """
+        _warn_if_the_gather_keeps_repeats()
         fields = logits if isinstance(logits, (tuple, list)) else None
         header = read_header(fields[0]) if fields else None
         if header is not None and header.stage == FORWARD:
@@ -369,15 +424,13 @@ class StreamingMetrics:
                 f"(it records them from `{PREPARE_METHOD}`), or make the model return "
                 f"`{PROCESSED_LABELS_FIELD}` of shape {tuple(outputs.shape[:2])} itself."
             )
-        target = self._target(aligned.long()[:, 1:])
+        preds, target = causal_shift(outputs, self._target(aligned.long()))
         # One rule for every path: a label outside the vocabulary is an error, NLL or not.
         _check_label_values(target, self.ignore_index, outputs.shape[-1])
-        preds = outputs[:, :-1].argmax(dim=-1)
-        header = Header(PREPROCESSED, self.evaluation.nll is not None, False, False, -1)
-        fields = [header.tensor(preds.shape[0], preds.device), preds, target]
-        if header.nll:
-            fields.append(_row_nll(outputs[:, :-1], target, self.ignore_index))
-        return tuple(fields)
+        row_nll = None
+        if self.evaluation.nll is not None:
+            row_nll = _row_nll(outputs[:, :-1], target, self.ignore_index)
+        return preprocessed_fields(preds, target, row_nll)
 
     def _preprocess_fields(self, header: Header, fields: list[Tensor]) -> tuple[Tensor, ...]:
         """Shift the fields of an exposed model's evaluation forward (after ``Trainer``'s
@@ -390,6 +443,13 @@ class StreamingMetrics:
             )
         _, ids, processed, row_nll, *rest = fields
         nll = self.evaluation.nll is not None
+        if nll and header.ignores_only_hf_index and self.ignore_index != HF_IGNORE_INDEX:
+            raise ValueError(
+                f"This StreamingMetrics ignores the label {self.ignore_index} (and -100), but the "
+                "exposed forward summed each row's NLL over every label but -100: it was exposed "
+                "without this object. Call `expose_processed_labels(model, logits_chunk_size=..., "
+                "metrics=streaming)` so that both ignore the same labels (or pass `nll=False`)."
+            )
         shifted = dataclasses.replace(header, stage=PREPROCESSED, nll=nll)
         out = [shifted.tensor(ids.shape[0], ids.device), ids[:, :-1]]
         out.append(self._target(processed.long()[:, 1:]))
@@ -398,9 +458,7 @@ class StreamingMetrics:
         return tuple(out + rest)
 
     def _target(self, target: Tensor) -> Tensor:
-        if self.ignore_index != TRAINER_PAD_INDEX:
-            target = target.masked_fill(target == TRAINER_PAD_INDEX, self.ignore_index)
-        return target
+        return _hf_ignored(target, self.ignore_index)
 
     def _check_exposed_for(self, header: Header | None) -> None:
         """The first batch says when the model was not exposed for what this object needs."""
@@ -441,15 +499,12 @@ class StreamingMetrics:
         number = batches[0][0].evaluation if batches else UNKNOWN_EVALUATION
         evaluation = _current_evaluation(number)
         if evaluation != self._evaluation:
-            # A new evaluate()/predict(): whatever an interrupted one left behind is dropped.
-            self.reset()
+            self._start_evaluation()
         # Also for the same evaluation: its prefix and step may be known only now.
         self._evaluation = evaluation
-        keep = self._records_kept_here()
         with self.evaluation.whole_or_nothing():  # a list of batches, as one
             for _, result in batches:
-                self._to_device(result.target.device)
-                self.evaluation.update(result, keep_records=keep)
+                self.update(result)
         if not compute_result:
             return {}
         results = self.compute()
@@ -542,6 +597,20 @@ class StreamingMetrics:
 
             log_trainer_tables(self, prefix, self.evaluation.last_records, path)
         # ---- end of experiment trackers ----
+
+    def _start_evaluation(self) -> None:
+        """A new evaluate()/predict(): what an earlier one left uncomputed is dropped, loudly."""
+        rows = self.evaluation.rows_seen
+        if rows:
+            warnings.warn(
+                f"StreamingMetrics dropped the {rows} rows of an evaluation that ended without "
+                "its results (`compute_result=True`): a new evaluation started. Likely cause: "
+                "the earlier evaluation was interrupted, or something called `model.eval()` on "
+                "the exposed model during an evaluation (each `eval()` call starts one).",
+                category=MllmMetricsWarning,
+                stacklevel=3,
+            )
+        self.reset()
 
     def update(self, result: BatchResult) -> None:
         """Add one gathered batch to the sums; a bad batch changes nothing."""

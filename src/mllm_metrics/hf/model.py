@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.chunked import NOT_PREDICTED, _check_chunk_size
 from mllm_metrics.evaluation import BatchResult
 from mllm_metrics.forward import EvaluationForward
+from mllm_metrics.functional import HF_IGNORE_INDEX
 from mllm_metrics.grouped import groups_checksum
 from mllm_metrics.hf.fields import FORWARD, Header, answers_tensor, read_header
 from mllm_metrics.labels import ProcessedLabelsHandle
@@ -169,25 +171,36 @@ def _forward_signature(forward: Any, group_key: str | None) -> inspect.Signature
     return signature.replace(parameters=[*parameters[:position], extra, *parameters[position:]])
 
 
+#: Numbers every ``eval()`` call of every exposed model in this process: a number is never
+#: used twice, also after ``handle.remove()`` and exposing again (say, in a notebook cell run
+#: again after an interrupted evaluation), so one evaluation's sums never reach another's.
+#: Every process makes the same calls in the same order, so the numbers agree across them.
+_EVALUATION_NUMBERS = itertools.count(1)
+
+
 class _EvaluationCounter:
-    """Set as ``model.train`` while exposed: counts the model's ``eval()`` calls.
+    """Set as ``model.train`` while exposed: numbers the model's ``eval()`` calls.
 
     ``Trainer`` (and a subclass's own loop) puts the model in evaluation mode at the start of
-    every evaluation; the count travels with each batch's fields, so that
+    every evaluation; the number travels with each batch's fields, so that
     :class:`~mllm_metrics.hf.StreamingMetrics` knows where an evaluation starts, even after one
     that was interrupted.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, own_train: Any = None) -> None:
         self.model_ref = weakref.ref(model)
-        self.evaluations = 0
+        #: A ``train`` the instance had of its own (called instead of the class's).
+        self.own_train = own_train
+        self.number = 0
 
     def __call__(self, mode: bool = True) -> nn.Module:
         model = self.model_ref()
         if model is None:
             raise ReferenceError("the model this method belonged to no longer exists")
         if not mode:
-            self.evaluations += 1
+            self.number = next(_EVALUATION_NUMBERS)
+        if self.own_train is not None:
+            return self.own_train(mode)
         return type(model).train(model, mode)
 
 
@@ -208,7 +221,7 @@ class _EvaluationForward:
         self.own_forward = vars(model).get("forward")
         self.had_own_train = "train" in vars(model)
         self.own_train = vars(model).get("train")
-        self.counter = _EvaluationCounter(model)
+        self.counter = _EvaluationCounter(model, self.own_train)
         self.copies: list[weakref.ref[nn.Module]] = []
         self.fused_call: tuple[weakref.ref[Tensor], Tensor] | None = None
         functools.update_wrapper(self, model.forward)
@@ -251,8 +264,9 @@ class _EvaluationForward:
             nll=True,
             groups=side.groups is not None,
             generation=side.generate_max_new_tokens is not None,
-            evaluation=self.counter.evaluations,
+            evaluation=self.counter.number,
             groups_checksum=0 if side.groups is None else groups_checksum(side.groups),
+            ignores_only_hf_index=side.ignore_index == HF_IGNORE_INDEX,
         )
         not_predicted = result.preds.new_full((rows, 1), NOT_PREDICTED)
         ignored = result.target.new_full((rows, 1), side.ignore_index)
@@ -307,10 +321,10 @@ class _EvaluationForward:
         clone.fused_call = None
         if isinstance(copied, nn.Module):
             clone.model_ref = weakref.ref(copied)
-            clone.counter = _EvaluationCounter(copied)
             # A forward the instance had of its own is bound to the original: bind it to the copy.
             clone.own_forward = copy.deepcopy(self.own_forward, memo)
             clone.own_train = copy.deepcopy(self.own_train, memo)
+            clone.counter = _EvaluationCounter(copied, clone.own_train)
             memo[id(self.counter)] = clone.counter
             self.copies.append(weakref.ref(copied))
         return clone
