@@ -24,6 +24,7 @@ from mllm_metrics.report import (
     plot_report,
     report_main,
     summarize,
+    worst_samples,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -516,3 +517,15 @@ def test_records_without_nll_are_read_and_ranked_by_share_then_index(tmp_path):
     worst = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
     # Rows of the worst-samples table, after its header: 1/4, then 1/2; index 0 (4/4) is right.
     assert worst[worst.index("index") + 1 :] == ["1", "2"]
+
+
+def test_worst_samples_order_is_the_same_with_a_nan_nll():
+    # A NaN NLL (a row whose logits overflowed) counts as unknown, like a null one, and does not
+    # make the order depend on where it sits in the file.
+    records = [
+        {"index": i, "supervised_tokens": 2, "correct_tokens": 1, "nll": nll}
+        for i, nll in enumerate([float("nan"), 9.0, 1.0, None])
+    ]
+    for shift in range(len(records)):
+        order = [r["index"] for r in worst_samples(records[shift:] + records[:shift])]
+        assert order == [1, 2, 0, 3]

@@ -308,3 +308,32 @@ def test_curves_are_drawn_per_eval_set_and_run(tmp_path):
     _write(tmp_path, "val_step0000300.jsonl", A_300)
     sets = [(name, [f.step for f in files]) for name, files in curve_sets(load_records(tmp_path))]
     assert sets == [("val set 1", [100, 300]), ("val set 2", [200])]
+
+
+def test_a_copy_that_reorders_the_times_keeps_the_runs_apart(tmp_path):
+    # Run 1 wrote steps 100 and 200 (A_100, then A_300); run 2 wrote them again as `-2` files
+    # (A_300, then A_100). A plain `cp`/`scp` then set the times in name order, where `-2`
+    # sorts before `.`: 100-2, 100, 200-2, 200. The suffixes, not the times, say who wrote what.
+    for offset, (name, records) in enumerate(
+        (
+            ("val_step0000100-2.jsonl", A_300),
+            ("val_step0000100.jsonl", A_100),
+            ("val_step0000200-2.jsonl", A_100),
+            ("val_step0000200.jsonl", A_300),
+        )
+    ):
+        _write(tmp_path, name, records, mtime=1_000.0 + offset * 0.1)
+    (series,) = group_series(load_records(tmp_path))
+    (eval_set,) = series.eval_sets
+    assert [[f.path.name for f in run.files] for run in eval_set.runs] == [
+        ["val_step0000100.jsonl", "val_step0000200.jsonl"],
+        ["val_step0000100-2.jsonl", "val_step0000200-2.jsonl"],
+    ]
+    # The flips are run 2's own (A_300 -> A_100: index 0 gained, index 2 lost).
+    choice = default_flips(eval_set)
+    assert (choice.flips.before.path.name, choice.flips.after.path.name) == (
+        "val_step0000100-2.jsonl",
+        "val_step0000200-2.jsonl",
+    )
+    assert [r["index"] for r in choice.flips.lost] == [2]
+    assert [r["index"] for r in choice.flips.gained] == [0]

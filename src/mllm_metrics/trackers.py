@@ -29,8 +29,9 @@ of the records file):
 
 Lightning: :class:`~mllm_metrics.lightning.MultimodalLMModule` logs the table to each of
 ``trainer.loggers`` of those kinds, on global rank 0, after writing the records (during
-``fit``, Lightning logs the validation values at the step of the batch that ran the
-validation: one less than the table's at an epoch end). ``transformers.Trainer``:
+``fit``, Lightning logs every validation's values at ``global_step - 1``: it raises its logging
+step only after the validation, so the curves' point sits one step before the table's).
+``transformers.Trainer``:
 :class:`~mllm_metrics.hf.StreamingMetrics` finds the reporting callbacks ``report_to`` added
 (``TensorBoardCallback``, ``WandbCallback``, ``MLflowCallback``) and, on process 0, adds a small
 callback of its own to the trainer that logs the table right after ``Trainer`` has logged the
@@ -62,10 +63,10 @@ from pathlib import Path
 from typing import Any
 
 from mllm_metrics.records import free_path, records_file_name
+from mllm_metrics.report.markdown import flips_section, worst_samples, worst_section
 from mllm_metrics.report.metrics import nll_value, share
 from mllm_metrics.report.records import RecordsFile
 from mllm_metrics.report.series import default_flips, group_series
-from mllm_metrics.report.terminal import flips_section, worst_samples, worst_section
 
 __all__ = ["TABLE_ROWS", "TRACKERS_EXTRA", "SampleTables", "SamplesTable", "sample_tables"]
 
@@ -176,7 +177,7 @@ class SampleTables:
         columns = _columns(file.records)
         rows = [[_value(name, kind, record) for name in columns] for kind, record in listed]
         lines = [f"Warning: {note}" for note in series.notes]
-        lines += [*worst_section(file, self.rows), "", *flips_section(eval_set, self.rows)]
+        lines += [*worst_section(file, self.rows), "", *flips_section(eval_set, self.rows, choice)]
         return SamplesTable(key, step, columns, rows, "\n\n".join(_paragraphs(lines)))
 
 
@@ -322,15 +323,11 @@ def log_lightning_tables(
 
 def _trainer_in_stack() -> Any:
     """The ``Trainer`` whose evaluation loop is running this call, or None."""
-    from mllm_metrics.hf.metrics import _EVALUATION_LOOPS
+    from mllm_metrics.hf.metrics import evaluation_loop_frame
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in _EVALUATION_LOOPS and "self" in frame.f_locals:
-            trainer = frame.f_locals["self"]
-            return trainer if hasattr(trainer, "callback_handler") else None
-        frame = frame.f_back
-    return None
+    frame = evaluation_loop_frame()
+    trainer = None if frame is None else frame.f_locals["self"]
+    return trainer if hasattr(trainer, "callback_handler") else None
 
 
 _CALLBACKS = {

@@ -23,22 +23,18 @@ and the others are reported (:func:`~mllm_metrics.report.records.scan_records`).
 Only the standard library is imported here; :func:`plot_report` imports matplotlib when called.
 """
 
-from mllm_metrics.report.terminal import (
-    Metrics,
+from mllm_metrics.report.cli import report_main
+from mllm_metrics.report.markdown import format_report, worst_samples
+from mllm_metrics.report.metrics import Metrics, Summary, summarize
+from mllm_metrics.report.plot import curve_sets, plot_report
+from mllm_metrics.report.records import (
     RecordsFile,
     RecordsScan,
-    Summary,
     UnreadFile,
-    curve_sets,
-    format_report,
-    group_series,
     load_records,
-    plot_report,
-    report_main,
     scan_records,
-    summarize,
-    worst_samples,
 )
+from mllm_metrics.report.series import group_series
 
 __all__ = [
     "Metrics",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_metrics.report.assets import SCRIPT, STYLE
-from mllm_metrics.report.metrics import Summary, summarize
+from mllm_metrics.report.metrics import Metrics, Summary, summarize
 from mllm_metrics.report.records import RecordsFile, RecordsScan, UnreadFile
 from mllm_metrics.report.series import (
     EvalSet,
@@ -216,13 +216,18 @@ def _charts(eval_set: EvalSet) -> str:
     return f'<div class="legend">{"".join(legend)}</div><div class="charts">{"".join(panels)}</div>'
 
 
+def _metrics_of(summary: Summary, name: str) -> Metrics | None:
+    """The metrics of a group, or of every sample for ``"all"``; None for a group without any."""
+    return summary.overall if name == "all" else summary.groups.get(name)
+
+
 def _metric(summary: Summary, name: str, attribute: str) -> float:
-    metrics = summary.overall if name == "all" else summary.groups.get(name)
+    metrics = _metrics_of(summary, name)
     return math.nan if metrics is None else float(getattr(metrics, attribute))
 
 
 def _tokens_hint(summary: Summary, name: str, attribute: str) -> str:
-    metrics = summary.overall if name == "all" else summary.groups.get(name)
+    metrics = _metrics_of(summary, name)
     if attribute != "bit_match" or metrics is None:
         return ""
     return f" ({metrics.correct_tokens}/{metrics.supervised_tokens} tokens)"

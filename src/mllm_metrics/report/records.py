@@ -289,9 +289,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _quote(value: Any) -> str:
+def _quote(value: Any, width: int = _QUOTE) -> str:
+    """``value`` as JSON, cut to ``width`` characters."""
     text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= _QUOTE else text[: _QUOTE - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _check_record(record: Any) -> str | None:

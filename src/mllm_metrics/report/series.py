@@ -21,12 +21,11 @@ different eval sets. Only the standard library is imported here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mllm_metrics.report.records import RecordsFile, _dataloader_key
+from mllm_metrics.report.records import RecordsFile, _dataloader_key, _quote
 
 __all__ = [
     "WRITE_ORDER_SLACK_S",
@@ -97,7 +96,11 @@ class EvalSet:
         for run in self.runs:
             if any(member is file for member in run.files):
                 return run
-        raise ValueError(f"{file.path} is not an evaluation of this eval set.")
+        raise ValueError(
+            f"{file.path} is not an evaluation of this eval set (its files: "
+            f"{', '.join(f.path.name for f in self.files)}). Files are matched by identity: "
+            "pass a RecordsFile from the same `group_series` call, not an equal one re-read."
+        )
 
     def same_run(self, before: RecordsFile, after: RecordsFile) -> str | None:
         """Why ``before`` and ``after`` are not two evaluations of one run, or None if they are.
@@ -220,11 +223,6 @@ def _checked(files: Sequence[RecordsFile]) -> tuple[str, ...]:
     return ("supervised tokens", *(name for name in _FIELDS[1:] if name in present))
 
 
-def _quote(value: Any) -> str:
-    text = "null" if value is None else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= _QUOTE else text[: _QUOTE - 3] + "..."
-
-
 def difference(before: RecordsFile, after: RecordsFile) -> str | None:
     """How the samples of two evaluations differ, or None when they are the same eval set.
 
@@ -273,7 +271,7 @@ def difference(before: RecordsFile, after: RecordsFile) -> str | None:
         name, x, y = next((n, x, y) for n, x, y in zip(_FIELDS, a, b) if x != y)
         parts.append(
             f"{len(differing)} of the {len(shared)} indexes hold another sample (index {index}: "
-            f"{name} {_quote(x)} at {before.moment}, {_quote(y)} at {after.moment})"
+            f"{name} {_quote(x, _QUOTE)} at {before.moment}, {_quote(y, _QUOTE)} at {after.moment})"
         )
     return "; ".join(parts)
 
@@ -306,6 +304,15 @@ def _split_runs(files: Sequence[RecordsFile]) -> tuple[list[Run], list[str]]:
     """The runs of one eval set's files, and why each run after the first starts."""
     # Write order; without modification times (0.0), the order of the steps.
     order = sorted(files, key=lambda f: (f.mtime or 0.0, f.step, f.repeat, f.path.name))
+    last_repeat: dict[int, int] = {}
+    times_are_write_order = True
+    for file in order:
+        times_are_write_order &= file.repeat >= last_repeat.get(file.step, 0)
+        last_repeat[file.step] = file.repeat
+    if not times_are_write_order:
+        # A `-N` file (the N-th evaluation at its step in this folder) came before an earlier
+        # one: the times are a copy's, not the writer's. The suffixes are the write order.
+        order = sorted(files, key=lambda f: (f.repeat, f.step, f.path.name))
     groups: list[list[RecordsFile]] = []
     reasons = []
     previous: RecordsFile | None = None
@@ -313,7 +320,8 @@ def _split_runs(files: Sequence[RecordsFile]) -> tuple[list[Run], list[str]]:
         current = groups[-1] if groups else None
         again = next((f for f in current or () if f.step == file.step), None)
         restart = (
-            previous is not None
+            times_are_write_order
+            and previous is not None
             and file.step < previous.step
             and (file.mtime or 0.0) - (previous.mtime or 0.0) > WRITE_ORDER_SLACK_S
         )
