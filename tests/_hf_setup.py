@@ -369,7 +369,7 @@ def _interrupted_evaluate(model, rows, streaming, output_dir) -> int:
 
 
 class _Stream(IterableDataset):
-    """The eval set without a length."""
+    """The eval set as an iterable data set, without a length."""
 
     def __init__(self, rows: list[dict]) -> None:
         self.rows = rows
@@ -378,24 +378,37 @@ class _Stream(IterableDataset):
         return iter(self.rows)
 
 
-def _without_length(model, rows: list[dict], output_dir: str) -> dict:
-    """evaluate() over an eval set without a length, each process reading it (LLaVA's batches of
-    varying length need ``dispatch_batches=False`` then): its results and our warnings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        streaming = StreamingMetrics(counting_metrics())
-        trainer = make_trainer(
-            model,
-            _Stream(rows),
-            collate_llava_style,
-            streaming,
-            output_dir,
-            False,
-            accelerator_config={"dispatch_batches": False},
-        )
-        results = trainer.evaluate()
-    ours = [str(w.message) for w in caught if issubclass(w.category, MllmMetricsWarning)]
-    return {"results": results, "warnings": ours}
+class _SizedStream(_Stream):
+    """The eval set as an iterable data set with a length."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _gathered_repeats(model, rows: list[dict], output_dir: str) -> dict:
+    """evaluate() over the eval set as an iterable each process reads (LLaVA's batches of
+    varying length need ``dispatch_batches=False`` then), with and without a length, and as a
+    map-style set with ``drop_last``: the results and our warnings of each."""
+    cases = {
+        "iterable": (_Stream(rows), {"accelerator_config": {"dispatch_batches": False}}),
+        "sized iterable": (
+            _SizedStream(rows),
+            {"accelerator_config": {"dispatch_batches": False}},
+        ),
+        "map-style, drop_last": (rows, {"dataloader_drop_last": True}),
+    }
+    outcomes = {}
+    for name, (eval_set, arguments) in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            streaming = StreamingMetrics(counting_metrics())
+            trainer = make_trainer(
+                model, eval_set, collate_llava_style, streaming, output_dir, False, **arguments
+            )
+            results = trainer.evaluate()
+        ours = [str(w.message) for w in caught if issubclass(w.category, MllmMetricsWarning)]
+        outcomes[name] = {"results": results, "warnings": ours}
+    return outcomes
 
 
 def _main(out_dir: str) -> None:
@@ -438,7 +451,7 @@ def _main(out_dir: str) -> None:
             )
             results["world_size"] = trainer.args.world_size
             results["backend"] = torch.distributed.get_backend()
-        results["without_length"] = _without_length(model, rows, tmp)
+        results["gathered_repeats"] = _gathered_repeats(model, rows, tmp)
     rank = int(os.environ["RANK"])
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.barrier()

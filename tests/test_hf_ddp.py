@@ -113,12 +113,20 @@ def test_process_zero_writes_the_records_of_every_sample_once(
         assert results["eval_text_exact_match"] == pytest.approx(text_exact_match, rel=1e-6)
 
 
-def test_an_eval_set_without_a_length_is_not_silent(ranks_results):
+def test_repeats_the_gather_keeps_are_not_silent(ranks_results):
     # Each process reads the 7 rows itself and accelerate pads process 1's last batch with a
-    # sample of its first batch; without a length it cannot drop it, so the gather keeps it: 8
-    # rows. (Should accelerate learn to drop it, this test says the warning can go.)
+    # sample of its first batch; the gather keeps it, with a length or without: 8 rows. (Should
+    # accelerate learn to drop it, this test says the warning can go.) A map-style set with
+    # drop_last loses samples instead and repeats none: no warning.
     for results in ranks_results:
-        run = results["without_length"]
-        assert run["results"]["eval_rows"] == 8
-        (warning,) = [w for w in run["warnings"] if "has no length" in w]
-        assert "dispatch_batches" in warning
+        cases = results["gathered_repeats"]
+        for name, count in (
+            ("iterable", "up to processes x batch size - 1 samples"),
+            ("sized iterable", "1 sample"),
+        ):
+            assert cases[name]["results"]["eval_rows"] == 8, name
+            (warning,) = cases[name]["warnings"]
+            assert f"counts {count} twice" in warning, name
+        dropped = cases["map-style, drop_last"]
+        assert dropped["results"]["eval_rows"] == 4  # 2 full batches of 2 on 2 processes
+        assert dropped["warnings"] == []

@@ -118,3 +118,17 @@ def test_a_forward_exposed_without_the_metrics_cannot_feed_another_ignore_index(
         trainer = make_trainer(model, rows, collate_llava_style, streaming, tmp_path, False)
         results = trainer.evaluate()
     assert results["eval_bit_match"] == pytest.approx(expected["bit_match"], rel=1e-6)
+
+
+def test_a_negative_ignore_index_needs_nothing_of_the_forward(tmp_path):
+    # No label is -1 (the forward would have raised on a negative label it does not ignore), so
+    # its NLL is the one StreamingMetrics(ignore_index=-1) needs: accepted, and exact.
+    model = tiny_llava()
+    rows = llava_style_rows(model, 7)
+    expected = llava_style_reference(model, rows, batch_size=2)
+    streaming = StreamingMetrics(ignore_index=-1)
+    with expose_processed_labels(model, logits_chunk_size=CHUNK):
+        trainer = make_trainer(model, rows, collate_llava_style, streaming, tmp_path, False)
+        results = trainer.evaluate()
+    for name in ("bit_match", "exact_match", "nll"):
+        assert results[f"eval_{name}"] == pytest.approx(expected[name], rel=1e-6), name

@@ -337,3 +337,5 @@ def test_a_copy_that_reorders_the_times_keeps_the_runs_apart(tmp_path):
     )
     assert [r["index"] for r in choice.flips.lost] == [2]
     assert [r["index"] for r in choice.flips.gained] == [0]
+    # What the times no longer say is said: a step written once cannot be told apart.
+    assert "the files' modification times contradict their -N suffixes" in series.notes[0]

@@ -101,7 +101,7 @@ def supervised_head_predictions(
         chunk_size: the most positions given to the head in one call.
         ignore_index: label value of unsupervised positions.
         logit_transform: what the model applies to the head's logits (e.g. Gemma's soft cap),
-            applied to each chunk's float32 logits.
+            applied to each chunk's logits in the head's dtype, before they are upcast.
 
     Returns:
         The predictions, shifted target and row NLL.

@@ -398,4 +398,4 @@ class EvaluationForward:
             flat = hidden.reshape(-1, hidden.shape[-1])
             ids = argmax_in_chunks(flat, split.output_head, chunk, split.logit_transform)
             ids = ids.view(hidden.shape[:2])
-        return ids, None if labels is None else labels[:, 1:]
+        return ids, None if labels is None else _hf_ignored(labels, self.ignore_index)[:, 1:]

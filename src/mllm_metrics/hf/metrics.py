@@ -27,7 +27,6 @@ from mllm_metrics._warning import MllmMetricsWarning
 from mllm_metrics.evaluation import BatchResult, Evaluation
 from mllm_metrics.forward import EvaluationForward
 from mllm_metrics.functional import (
-    HF_IGNORE_INDEX,
     _check_label_values,
     _check_labels_dtype,
     _hf_ignored,
@@ -213,36 +212,53 @@ def _current_evaluation(number: int = UNKNOWN_EVALUATION) -> _Evaluation:
 
 
 def _warn_if_the_gather_keeps_repeats() -> None:
-    """Warn, at the last batch, when ``Trainer``'s gather cannot drop the samples that were
-    repeated to fill the processes' last batches.
+    """Warn, at the last batch, when ``Trainer``'s gather keeps samples that were repeated to
+    fill the processes' last batches.
 
-    accelerate drops them (``gather_for_metrics``) by the eval set's length; an eval set without
-    one (an ``IterableDataset``) read by each process itself (``dispatch_batches=False``) is
-    padded with samples of its first batch, which then count twice, by every metric.
+    accelerate drops those repeats (``gather_for_metrics``) for a map-style eval set, and for one
+    read by process 0 alone (``dispatch_batches=True``). An iterable eval set that each process
+    reads itself (``dispatch_batches=False``, which batches of varying length need) is padded
+    with samples of its first batch (``IterableDatasetShard``), and the gather keeps them: every
+    metric then counts them twice.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if torch.distributed.get_world_size() < 2:
         return
-    state = sys.modules.get("accelerate.state")  # imported by Trainer; never imported here
-    gradient_state = getattr(state, "GradientState", None)
-    if gradient_state is None or not getattr(gradient_state, "_shared_state", None):
+    # Both are imported by Trainer; never imported here.
+    gradient_state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
+    shard_type = getattr(sys.modules.get("accelerate.data_loader"), "IterableDatasetShard", None)
+    if gradient_state is None or shard_type is None:
+        return
+    if not getattr(gradient_state, "_shared_state", None):
         return
     try:
         current = gradient_state()
-        unknown = current.end_of_dataloader and current.remainder == -1
+        shard = current.active_dataloader.dataset if current.end_of_dataloader else None
     except (AttributeError, IndexError):
         return
-    if unknown:
-        warnings.warn(
-            "The eval set has no length and each process reads it itself "
-            "(`dispatch_batches=False`), so accelerate cannot tell which samples of the last "
-            "batches were repeated to give every process a full batch: Trainer's gather keeps "
-            "any such repeats, and every metric counts them twice (up to processes x batch size "
-            "- 1 samples). Make the eval set a map-style data set (with a `__len__`).",
-            category=MllmMetricsWarning,
-            stacklevel=3,
-        )
+    if not isinstance(shard, shard_type) or shard.drop_last:
+        return
+    full = shard.batch_size * (1 if shard.split_batches else shard.num_processes)
+    try:
+        repeats = -len(shard.dataset) % full
+    except TypeError:  # no length
+        repeats = None
+    if repeats == 0:
+        return
+    count = (
+        "up to processes x batch size - 1 samples"
+        if repeats is None
+        else f"{repeats} sample" + ("s" * (repeats > 1))
+    )
+    warnings.warn(
+        "The eval set is iterable and each process reads it itself (`dispatch_batches=False`): "
+        "accelerate fills the processes' last batches with samples of the first batch, and "
+        f"Trainer's gather keeps them, so every metric counts {count} twice. Make the eval set "
+        "a map-style data set (with `__getitem__` and `__len__`).",
+        category=MllmMetricsWarning,
+        stacklevel=3,
+    )
 
 
 class StreamingMetrics:
@@ -443,7 +459,9 @@ class StreamingMetrics:
             )
         _, ids, processed, row_nll, *rest = fields
         nll = self.evaluation.nll is not None
-        if nll and header.ignores_only_hf_index and self.ignore_index != HF_IGNORE_INDEX:
+        # A negative ignore_index the forward did not know would have raised there (a negative
+        # label it does not ignore), so only a token id (a pad id, say) can be counted wrongly.
+        if nll and header.ignores_only_hf_index and self.ignore_index >= 0:
             raise ValueError(
                 f"This StreamingMetrics ignores the label {self.ignore_index} (and -100), but the "
                 "exposed forward summed each row's NLL over every label but -100: it was exposed "

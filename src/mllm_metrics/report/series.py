@@ -353,6 +353,12 @@ def _split_runs(files: Sequence[RecordsFile]) -> tuple[list[Run], list[str]]:
         Run(number, sorted(group, key=lambda f: (f.step, f.repeat, f.path.name)))
         for number, group in enumerate(groups, start=1)
     ]
+    if not times_are_write_order:
+        reasons.append(
+            "the files' modification times contradict their -N suffixes (a copy that did not "
+            "keep them?), so the suffixes alone order the files, and a step written only once "
+            "is taken as the first run's"
+        )
     return runs, reasons
 
 
