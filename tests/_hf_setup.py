@@ -12,6 +12,7 @@ Run as a script under ``torchrun --nproc_per_node 2 _hf_setup.py OUT_DIR``: ever
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -389,12 +390,15 @@ def _gathered_repeats(model, rows: list[dict], output_dir: str) -> dict:
     """evaluate() over the eval set as an iterable each process reads (LLaVA's batches of
     varying length need ``dispatch_batches=False`` then), with and without a length, and as a
     map-style set with ``drop_last``: the results and our warnings of each."""
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    each_reads = (  # transformers before 4.38 took the accelerate option itself
+        {"accelerator_config": {"dispatch_batches": False}}
+        if "accelerator_config" in fields
+        else {"dispatch_batches": False}
+    )
     cases = {
-        "iterable": (_Stream(rows), {"accelerator_config": {"dispatch_batches": False}}),
-        "sized iterable": (
-            _SizedStream(rows),
-            {"accelerator_config": {"dispatch_batches": False}},
-        ),
+        "iterable": (_Stream(rows), each_reads),
+        "sized iterable": (_SizedStream(rows), each_reads),
         "map-style, drop_last": (rows, {"dataloader_drop_last": True}),
     }
     outcomes = {}
