@@ -62,15 +62,58 @@ def parity_rows(model, count: int = 7, seed: int = 0) -> list[dict]:
             answer.append(EOS)
         if i % 3 == 1:  # a wrong first token: free-running answers then drift
             answer = [3 + (answer[0] - 2) % 50] + answer[1:] if len(answer) > 1 else [7, EOS]
-        rows.append(
-            {
-                "input_ids": prompt + answer,
-                "labels": [-100] * len(prompt) + answer,
-                "images": image,
-                "task": GROUPS[i % 2],
-            }
-        )
+        rows.append(parity_row(i, prompt, answer, image))
     return rows
+
+
+def parity_row(i: int, prompt: list[int], answer: list[int], image: torch.Tensor) -> dict:
+    """The ``i``-th row: the answer supervised, the prompt not, the group alternating."""
+    return {
+        "input_ids": prompt + answer,
+        "labels": [-100] * len(prompt) + answer,
+        "images": image,
+        "task": GROUPS[i % 2],
+    }
+
+
+def parity_streaming(records_dir):
+    """The StreamingMetrics of the parity jobs: raw counts, text, groups, answers, records."""
+    from _hf_setup import counting_metrics
+
+    from mllm_metrics.hf import StreamingMetrics
+
+    return StreamingMetrics(
+        counting_metrics(),
+        tokenizer=SpellTokenizer(),
+        group_key="task",
+        groups=GROUPS,
+        generate_max_new_tokens=MAX_NEW_TOKENS,
+        eos_token_id=EOS,
+        records_dir=records_dir,
+    )
+
+
+#: Keys of Trainer's results that are not metrics of ours.
+NOT_METRICS = ("_loss", "_runtime", "_samples_per_second", "_steps_per_second", "_time")
+
+
+def trainer_metrics(results: dict) -> dict:
+    """Trainer's results without its own entries (loss, runtimes, epoch)."""
+    return {
+        key: value
+        for key, value in results.items()
+        if key != "epoch" and not key.endswith(NOT_METRICS)
+    }
+
+
+def expected_with_counts(samples: list[dict]) -> dict:
+    """Every value of the reference, and the raw counts of `counting_metrics()`."""
+    counts = {
+        "rows": len(samples),
+        "supervised_tokens": sum(s["supervised_tokens"] for s in samples),
+        "correct_tokens": sum(s["correct_tokens"] for s in samples),
+    }
+    return expected_values(samples) | counts
 
 
 def parity_collate(rows: list[dict]) -> dict:

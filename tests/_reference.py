@@ -90,3 +90,24 @@ def favour_token(model, token: int = 5, bias: float = 0.27):
         head.bias[token] = bias
     model.set_output_embeddings(head)
     return model
+
+
+def grouped_batches(groups, seed: int = 0, count: int = 3, as_positions: bool = False):
+    """Pre-collated batches of 3 rows (0, 1 and 2 images), answers of 5s and 9s, each row in
+    ``groups[0]`` or ``groups[1]``, alternating (by name, or by position with
+    ``as_positions``)."""
+    from mllm_metrics.demo import make_multimodal_batch
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for index in range(count):
+        prompts = [[1, -200, 7], [1, 8], [-200, 9, -200, 3]]
+        answers = [
+            torch.tensor([5, 5, 9])[torch.randint(3, (int(n),), generator=generator)].tolist()
+            for n in torch.randint(1, 5, (3,), generator=generator)
+        ]
+        batch = make_multimodal_batch(prompts, answers, torch.rand(3, 1, 8, 8, generator=generator))
+        names = [groups[(index + row) % 2] for row in range(3)]
+        batch["task"] = torch.tensor([groups.index(n) for n in names]) if as_positions else names
+        batches.append(batch)
+    return batches

@@ -52,7 +52,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from _parity import EOS, GROUPS, MAX_NEW_TOKENS, _next_logits, parity_collate
+from _parity import (
+    EOS,
+    MAX_NEW_TOKENS,
+    _next_logits,
+    parity_collate,
+    parity_row,
+    parity_streaming,
+)
 
 STAGES = (2, 3)
 CHUNK = 3
@@ -171,17 +178,10 @@ def deepspeed_rows(model) -> list[dict]:
         found[5][2],
         [found[6][2][0], 3 + (found[6][2][1] - 2) % 56, *found[6][2][2:]],  # a wrong 2nd token
     ]
-    rows = []
-    for i, ((prompt, image, _), answer) in enumerate(zip(found, answers)):
-        rows.append(
-            {
-                "input_ids": prompt + answer,
-                "labels": [-100] * len(prompt) + answer,
-                "images": image,
-                "task": GROUPS[i % 2],
-            }
-        )
-    return rows
+    return [
+        parity_row(i, prompt, answer, image)
+        for i, ((prompt, image, _), answer) in enumerate(zip(found, answers))
+    ]
 
 
 def training_rows() -> list[dict]:
@@ -356,22 +356,6 @@ def _callback(probe: BatchProbe):
 # ---- one stage ----------------------------------------------------------------------------------
 
 
-def _streaming(records_dir: Path):
-    from _hf_setup import SpellTokenizer, counting_metrics
-
-    from mllm_metrics.hf import StreamingMetrics
-
-    return StreamingMetrics(
-        counting_metrics(),
-        tokenizer=SpellTokenizer(),
-        group_key="task",
-        groups=GROUPS,
-        generate_max_new_tokens=MAX_NEW_TOKENS,
-        eos_token_id=EOS,
-        records_dir=records_dir,
-    )
-
-
 def _full_weights(model, stage: int) -> dict[str, torch.Tensor]:
     """Every rank's copy of the whole trained weights: under ZeRO-3 gathered from the
     partitions (a collective: every rank enters it)."""
@@ -402,7 +386,7 @@ def run_stage(stage: int, rows, out: Path, rank: int, collectives: Collectives, 
     AcceleratorState._reset_state()  # a second Trainer with another DeepSpeed config
     model = deepspeed_model()
     probe = BatchProbe(model, collectives)
-    streaming = _streaming(out / "records" / f"zero{stage}" / f"rank{rank}")
+    streaming = parity_streaming(out / "records" / f"zero{stage}" / f"rank{rank}")
     handle = expose_processed_labels(model, logits_chunk_size=CHUNK, metrics=streaming)
     arguments = TrainingArguments(
         output_dir=os.path.join(tmp, f"zero{stage}"),

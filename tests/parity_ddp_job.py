@@ -26,12 +26,18 @@ import warnings
 from pathlib import Path
 
 import torch
-from _hf_setup import HAS_BATCH_EVAL_METRICS, SpellTokenizer, counting_metrics
-from _parity import BATCH_SIZE, GROUPS, MAX_NEW_TOKENS, parity_collate, parity_model, parity_rows
+from _hf_setup import HAS_BATCH_EVAL_METRICS
+from _parity import (
+    BATCH_SIZE,
+    parity_collate,
+    parity_model,
+    parity_rows,
+    parity_streaming,
+)
 from transformers import Trainer, TrainingArguments
 
 from mllm_metrics import MllmMetricsWarning
-from mllm_metrics.hf import StreamingMetrics, expose_processed_labels
+from mllm_metrics.hf import expose_processed_labels
 
 CHUNKS = {"chunked": 3, "model-forward": None}
 MODES = [True, False] if HAS_BATCH_EVAL_METRICS else [False]
@@ -46,18 +52,6 @@ TRAINING = {
 
 def eval_run_name(chunk_name: str, batch_eval_metrics: bool) -> str:
     return f"{chunk_name}:batch_eval_metrics={batch_eval_metrics}"
-
-
-def _streaming(records_dir: Path) -> StreamingMetrics:
-    return StreamingMetrics(
-        counting_metrics(),
-        tokenizer=SpellTokenizer(),
-        group_key="task",
-        groups=GROUPS,
-        generate_max_new_tokens=MAX_NEW_TOKENS,
-        eos_token_id=2,
-        records_dir=records_dir,
-    )
 
 
 def _arguments(output_dir: str, batch_eval_metrics: bool, **extra) -> TrainingArguments:
@@ -93,7 +87,7 @@ def _evaluations(rows: list[dict], out_dir: Path, rank: int, tmp: str) -> dict:
     for chunk_name, chunk in CHUNKS.items():
         for batch_eval_metrics in MODES:
             name = eval_run_name(chunk_name, batch_eval_metrics)
-            streaming = _streaming(out_dir / "records" / name / f"rank{rank}")
+            streaming = parity_streaming(out_dir / "records" / name / f"rank{rank}")
             with expose_processed_labels(model, logits_chunk_size=chunk, metrics=streaming):
                 trainer = Trainer(
                     model=model,
@@ -153,7 +147,7 @@ def _train_plain(model, rows: list[dict], tmp: str) -> dict:
 
 def _train_exposed_then_evaluate(model, rows: list[dict], out_dir: Path, rank: int, tmp: str):
     """The README's order: expose, build the Trainer, train, evaluate."""
-    streaming = _streaming(out_dir / "records" / "trained" / f"rank{rank}")
+    streaming = parity_streaming(out_dir / "records" / "trained" / f"rank{rank}")
     handle = expose_processed_labels(model, logits_chunk_size=3, metrics=streaming)
     forwards = _TrainingForwards()
     hook = model.register_forward_hook(forwards)  # after the exposure's: sees its field

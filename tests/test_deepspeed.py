@@ -34,8 +34,9 @@ from _parity import (  # noqa: E402
     MAX_NEW_TOKENS,
     assert_records_match,
     expected_samples,
-    expected_values,
+    expected_with_counts,
     parity_collate,
+    trainer_metrics,
 )
 from _reference import processed_labels_by_hand  # noqa: E402
 from deepspeed_job import (  # noqa: E402
@@ -56,7 +57,6 @@ STAGE_IDS = [pytest.param(stage, id=f"zero{stage}") for stage in STAGES]
 # ...; rank 1's last batch, [6], is completed with row 0 (dropped again by Trainer's gather).
 BATCHES = {0: [[0, 1], [4, 5]], 1: [[2, 3], [6, 0]]}
 # Keys of Trainer's own in evaluate()'s results: not metrics of ours.
-NOT_METRICS = ("_loss", "_runtime", "_samples_per_second", "_steps_per_second", "_time")
 
 
 def _launch(out_dir) -> list[dict]:
@@ -92,24 +92,6 @@ def trained_samples(ranks, out_dir, eval_set) -> dict[int, list[dict]]:
     """The reference on the weights each stage trained (gathered by process 0)."""
     _, rows = eval_set
     return {stage: expected_samples(_trained_model(out_dir, stage), rows) for stage in STAGES}
-
-
-def _expected(samples: list[dict]) -> dict:
-    """Every value of the reference, and the raw counts of `counting_metrics()`."""
-    counts = {
-        "rows": len(samples),
-        "supervised_tokens": sum(s["supervised_tokens"] for s in samples),
-        "correct_tokens": sum(s["correct_tokens"] for s in samples),
-    }
-    return expected_values(samples) | counts
-
-
-def _metrics(results: dict) -> dict:
-    return {
-        key: value
-        for key, value in results.items()
-        if key != "epoch" and not key.endswith(NOT_METRICS)
-    }
 
 
 def _records_of_process_zero(out_dir, stage: int) -> list[dict]:
@@ -176,14 +158,14 @@ def test_the_eval_set_gives_the_ranks_uneven_batches(ranks, eval_set, trained_sa
 @pytest.mark.parametrize("stage", STAGE_IDS)
 def test_every_rank_gets_the_reference_values_and_counts(stage, ranks, trained_samples):
     samples = trained_samples[stage]
-    expected = _expected(samples)
+    expected = expected_with_counts(samples)
     # The reference is not degenerate: hits and misses of every kind, a truncated row.
     assert {True, False, None} == {s["exact"] for s in samples}
     assert {True, False} == {s["gen_exact"] for s in samples}
     for results in ranks:
         evaluation = results[f"zero{stage}"]["evaluation"]
         assert "eval_loss" in evaluation  # Trainer's own, next to ours
-        metrics = _metrics(evaluation)
+        metrics = trainer_metrics(evaluation)
         # Exactly the expected keys: "chart" has no data, so no value at all.
         assert set(metrics) == {f"eval_{key}" for key in expected}
         # Raw counts exactly: 7 rows, not 8 (the duplicate), tokens neither doubled nor missing.
@@ -196,7 +178,7 @@ def test_every_rank_gets_the_reference_values_and_counts(stage, ranks, trained_s
             # batches than the reference's (rank 1's [6, 0] padded vs [6]) and other kernels.
             assert metrics[f"eval_{key}"] == pytest.approx(value, rel=1e-6), key
     # Every process is handed every row: the same numbers, bit for bit.
-    first, second = (_metrics(results[f"zero{stage}"]["evaluation"]) for results in ranks)
+    first, second = (trainer_metrics(results[f"zero{stage}"]["evaluation"]) for results in ranks)
     assert first == second
 
 
@@ -224,7 +206,10 @@ def test_the_reference_uses_the_trained_weights_whole_and_equal_on_both_ranks(
     assert any(not torch.equal(initial[key], weights[0][key]) for key in initial)
     # Training moved the reference far beyond the values' tolerance (rel 1e-6; seen: 8e-4): the
     # values above checked the trained weights, not the initial ones.
-    before, after = _expected(expected_samples(model, rows)), _expected(trained_samples[stage])
+    before, after = (
+        expected_with_counts(expected_samples(model, rows)),
+        expected_with_counts(trained_samples[stage]),
+    )
     assert after["nll"] != pytest.approx(before["nll"], rel=1e-4)
 
 

@@ -10,6 +10,7 @@ from _reference import (
     brute_force_bit_match,
     brute_force_exact_match,
     favour_token,
+    grouped_batches,
     make_token_batch,
     processed_labels_by_hand,
 )
@@ -224,23 +225,10 @@ def _tiny_llava(**overrides):
 
 
 def _batches(seed=0, count=3, as_positions=False):
-    """Pre-collated batches of 3 rows (0, 1 and 2 images), each row in a group; the third row of
-    the last batch is truncated to its prompt by `tokenizer_model_max_length` in some tests."""
-    from mllm_metrics.demo import make_multimodal_batch
-
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for index in range(count):
-        prompts = [[1, -200, 7], [1, 8], [-200, 9, -200, 3]]
-        answers = [
-            torch.tensor([5, 5, 9])[torch.randint(3, (int(n),), generator=generator)].tolist()
-            for n in torch.randint(1, 5, (3,), generator=generator)
-        ]
-        batch = make_multimodal_batch(prompts, answers, torch.rand(3, 1, 8, 8, generator=generator))
-        names = [GROUPS[(index + row) % 2] for row in range(3)]  # "caption" never occurs
-        batch["task"] = torch.tensor([GROUPS.index(n) for n in names]) if as_positions else names
-        batches.append(batch)
-    return batches
+    """Pre-collated batches of 3 rows (0, 1 and 2 images), each row in a group ("caption" never
+    occurs); the third row of the last batch is truncated to its prompt by
+    `tokenizer_model_max_length` in some tests."""
+    return grouped_batches(GROUPS, seed, count, as_positions)
 
 
 def _reference_samples(model, batches, max_length=None):

@@ -20,9 +20,10 @@ pytest.importorskip("transformers")
 from _parity import (  # noqa: E402
     assert_records_match,
     expected_samples,
-    expected_values,
+    expected_with_counts,
     parity_model,
     parity_rows,
+    trainer_metrics,
 )
 from parity_ddp_job import CHUNKS, MODES, TRAINING, eval_run_name  # noqa: E402
 
@@ -32,7 +33,6 @@ EVAL_RUNS = [
     for mode in MODES
 ]
 # Keys of Trainer's own in evaluate()'s results: not metrics of ours.
-NOT_METRICS = ("_loss", "_runtime", "_samples_per_second", "_steps_per_second", "_time")
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +65,10 @@ def trained_samples(ranks, out_dir, eval_set):
     return expected_samples(model, rows)
 
 
-def _expected(samples: list[dict]) -> dict:
-    """Every value of the reference, and the raw counts of `counting_metrics()`."""
-    counts = {
-        "rows": len(samples),
-        "supervised_tokens": sum(s["supervised_tokens"] for s in samples),
-        "correct_tokens": sum(s["correct_tokens"] for s in samples),
-    }
-    return expected_values(samples) | counts
-
-
-def _metrics(results: dict) -> dict:
-    return {
-        key: value
-        for key, value in results.items()
-        if key != "epoch" and not key.endswith(NOT_METRICS)
-    }
-
-
 def _assert_values(results: dict, samples: list[dict], prefix: str) -> None:
-    expected = _expected(samples)
+    expected = expected_with_counts(samples)
     assert f"{prefix}loss" in results  # Trainer's own, next to ours
-    metrics = _metrics(results)
+    metrics = trainer_metrics(results)
     # Exactly the expected keys: "chart" has no data, so no value at all.
     assert set(metrics) == {prefix + key for key in expected}
     assert not [key for key in results if key.endswith("/chart")]
@@ -136,7 +118,7 @@ def test_every_rank_gets_the_reference_values_and_counts(run, ranks, eval_set):
     for results in ranks:
         _assert_values(results["evaluations"][run], samples, "dev_")
     # Every process is handed every row: the same numbers, bit for bit.
-    first, second = (_metrics(results["evaluations"][run]) for results in ranks)
+    first, second = (trainer_metrics(results["evaluations"][run]) for results in ranks)
     assert first == second
 
 
@@ -197,12 +179,12 @@ def test_evaluation_after_training_gives_the_reference_on_the_trained_weights(
     out_dir, ranks, eval_set, trained_samples
 ):
     _, _, samples = eval_set
-    before, after = _expected(samples), _expected(trained_samples)
+    before, after = expected_with_counts(samples), expected_with_counts(trained_samples)
     # Training moved the reference: this checks the trained weights, not the initial ones.
     assert after["nll"] != pytest.approx(before["nll"], rel=1e-3)
     for results in ranks:
         _assert_values(results["trained_evaluation"], trained_samples, "eval_")
-    first, second = (_metrics(results["trained_evaluation"]) for results in ranks)
+    first, second = (trainer_metrics(results["trained_evaluation"]) for results in ranks)
     assert first == second
     step = TRAINING["max_steps"]
     records = _records_of_process_zero(out_dir, "trained", f"eval_step{step:07d}.jsonl")

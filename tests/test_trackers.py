@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
+from _reference import grouped_batches
 
 from mllm_metrics.trackers import TRACKERS_EXTRA, SampleTables
 
@@ -337,20 +338,7 @@ class _SpellTokenizer:
 
 def _batches(count=3, seed=0):
     """Pre-collated batches of 3 rows, answers of 5s and 9s, groups alternating."""
-    from mllm_metrics.demo import make_multimodal_batch
-
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for index in range(count):
-        prompts = [[1, -200, 7], [1, 8], [-200, 9, -200, 3]]
-        answers = [
-            torch.tensor([5, 5, 9])[torch.randint(3, (int(n),), generator=generator)].tolist()
-            for n in torch.randint(1, 5, (3,), generator=generator)
-        ]
-        batch = make_multimodal_batch(prompts, answers, torch.rand(3, 1, 8, 8, generator=generator))
-        batch["task"] = [GROUPS[(index + row) % 2] for row in range(3)]
-        batches.append(batch)
-    return batches
+    return grouped_batches(GROUPS, seed, count)
 
 
 def _fit(tmp_path, loggers, val_loaders=1, rows=None):
